@@ -26,6 +26,9 @@ class RecomputedWeightOp(torch.autograd.Function):
         with torch.no_grad():
             w = build(weight, params)
         ctx.op, ctx.build = op, build
+        # ctx lives as long as the graph (until the loss tensor is dropped, often after the next forward);
+        # the op must not keep the input alive that long: save_for_backward frees it right after backward.
+        op.input = None
         # The frozen weight is referenced, not saved, so nothing weight-sized passes through saved-tensor
         # hooks. The small factors are saved as well so that autograd detects in-place changes.
         ctx.live = (weight, *params)

@@ -56,6 +56,24 @@ def test_no_weight_sized_tensor_is_saved(case, exp_map, dropout):
     assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("case", [c for c in FAST_KINDS if c.name != "conv2d_static_same_subclass"],
+                         ids=lambda c: c.name)
+def test_layer_input_is_freed_after_backward(case, dropout):
+    """The graph (and its ctx objects) lives until the loss is dropped, which in a training loop is after the
+    next forward; the layer input must not live that long (it did: the op held it, doubling peak memory)."""
+    import weakref
+
+    model, lm = make(case, "taylor", dropout=dropout)
+    h = case.make_input() * 1.0  # a non-leaf activation only the graph could keep alive
+    loss = lm(h).float().pow(2).sum()
+    loss.backward()
+    ref = weakref.ref(h)
+    del h
+    assert ref() is None, "the adapted layer's input outlived backward"
+    assert loss.grad_fn is not None  # the graph itself is still there
+
+
 @pytest.mark.parametrize("exp_map", MAPS)
 def test_generic_path_would_keep_weight_sized_tensors(exp_map):
     """Control for the test above: with the fast path off, plain autograd does keep them."""
