@@ -51,6 +51,7 @@ from . import __version__, training
 from .config import TARGET_SHORTCUTS, LieRAConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTask, TextTask, to_model_input
 from .demo import DEFAULT_LRS
+from .memory import TensorMemory
 
 BUILTIN_DATA = ("fashion-1k", "digits-1k")
 BUILTIN_MODELS = {"efficientnet-lite0": "image", "minilm": "text"}
@@ -739,12 +740,12 @@ def _run(opts: dict[str, Any], method: str, out: Path) -> FinetuneResult:
 
             train_module, mine = DistributedDataParallel(wrapped), mine[rank::world]
             payload["world_size"] = world
-        with training.PeakMemory() as mem:
-            start = time.perf_counter()
-            fit_losses = training.fit(train_module, mine, y_train[mine], epochs=opts["epochs"], lr=lr,
-                                      batch_size=opts["batch_size"], seed=opts["seed"], desc=f"{method} lr={lr:g}",
-                                      show_progress=opts["progress"] and rank == 0, forward=train_forward)
-            elapsed = time.perf_counter() - start
+        mem = TensorMemory([*wrapped.parameters(), *wrapped.buffers()])
+        start = time.perf_counter()
+        fit_losses = training.fit(train_module, mine, y_train[mine], epochs=opts["epochs"], lr=lr,
+                                  batch_size=opts["batch_size"], seed=opts["seed"], desc=f"{method} lr={lr:g}",
+                                  show_progress=opts["progress"] and rank == 0, forward=train_forward, memory=mem)
+        elapsed = time.perf_counter() - start
         payload.update(train_time_s=round(elapsed, 3), peak_memory_mb=round(mem.peak_mb, 1), losses=fit_losses)
         if len(y_test):
             payload["test_accuracy"] = training.accuracy(wrapped, torch.arange(len(y_test)), y_test,

@@ -7,10 +7,9 @@ outside reference, when peft is installed).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LieRAConfig
+from .memory import TensorMemory
 from .model import get_liera_model
 from .targeting import find_targets
 
@@ -32,7 +32,7 @@ class ArmResult:
     trainable_params: int
     test_accuracy: float
     train_time_s: float
-    peak_memory_mb: float
+    peak_memory_mb: float  # tensor memory at the peak of the first training steps (liera.memory)
     lr: float
     epochs: int
     losses: list[float] = field(default_factory=list)
@@ -52,41 +52,6 @@ def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = T
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-class PeakMemory:
-    """Peak resident memory above the level at entry (MB), sampled every 20 ms from /proc (Linux)."""
-
-    def __init__(self) -> None:
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return -1
-
-    def __enter__(self) -> "PeakMemory":
-        self._start = self._rss()
-        self._peak = self._start
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(0.02):
-                self._peak = max(self._peak, self._rss())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss())
-        if self._start >= 0:
-            self.peak_mb = (self._peak - self._start) / 2 ** 20
 
 
 def prepare_arm(method: str, model: nn.Module, *, head: str, r: int, alpha: float,
@@ -145,8 +110,11 @@ def trainable_count(model: nn.Module) -> int:
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
         seed: int, desc: str = "train", show_progress: bool = True, weight_decay: float = 0.0,
-        forward: Optional[Callable] = None) -> list[float]:
-    """AdamW with a cosine schedule over all steps; BatchNorm statistics stay frozen (model.eval())."""
+        forward: Optional[Callable] = None, memory: Optional[TensorMemory] = None,
+        memory_steps: int = 3) -> list[float]:
+    """AdamW with a cosine schedule over all steps; BatchNorm statistics stay frozen (model.eval()).
+
+    With `memory`, the first `memory_steps` steps (the optimizer state appears in the first) run under it."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -161,10 +129,11 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(forward(model, x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with memory if memory is not None and len(losses) < memory_steps else contextlib.nullcontext():
+                loss = F.cross_entropy(forward(model, x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             sched.step()
             losses.append(loss.item())
             next(it, None)
@@ -195,10 +164,10 @@ def run_arm(method: str, make_model: Callable[[], nn.Module], data: tuple, *, he
     model, note = prepare_arm(method, make_model(), head=head, r=r, alpha=alpha, target_modules=target_modules,
                               generator=generator)
     n_params = trainable_count(model)
-    with PeakMemory() as mem:
-        start = time.perf_counter()
-        losses = fit(model, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                     desc=f"{method:>12s} lr={lr:g}", show_progress=show_progress, forward=forward)
-        elapsed = time.perf_counter() - start
+    mem = TensorMemory([*model.parameters(), *model.buffers()])
+    start = time.perf_counter()
+    losses = fit(model, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 desc=f"{method:>12s} lr={lr:g}", show_progress=show_progress, forward=forward, memory=mem)
+    elapsed = time.perf_counter() - start
     acc = accuracy(model, x_test, y_test, forward=forward)
     return ArmResult(method, n_params, acc, elapsed, mem.peak_mb, lr, epochs, losses, note, seed), model

@@ -1,0 +1,69 @@
+"""Peak tensor memory of a few training steps, counted exactly from the tensors themselves.
+
+Process RSS is a poor measure on CPU: freed memory stays with the allocator, so an arm that runs after a
+bigger one shows no rise at all. This tracker sees every tensor an operator creates (a dispatch mode sits
+below autograd, so it also sees the backward pass and the optimizer), adds its storage bytes once, and
+subtracts them when the storage is freed. Parameters and buffers of the given module are counted as the
+static part. It costs a Python call per operator, so track a few steps, not a whole run.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemory(TorchDispatchMode):
+    """Use as a context manager around training steps; read `peak_mb` (static + peak of live new tensors).
+
+    `static_mb` is the storage of `tensors` (typically the module's parameters and buffers) at entry;
+    gradients, optimizer state, activations and temporaries are counted when they are created.
+    """
+
+    def __init__(self, tensors: Optional[Iterable[torch.Tensor]] = None, device: Optional[str] = None) -> None:
+        super().__init__()
+        self.device = device
+        self._seen: dict[int, int] = {}
+        self.static_bytes = 0
+        for t in tensors or ():
+            self.static_bytes += self._add(t, static=True)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def _add(self, t: torch.Tensor, static: bool = False) -> int:
+        if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
+            return 0
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage, meta tensors
+            return 0
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self._seen:
+            return 0
+        self._seen[key] = size
+        if not static:
+            self.live_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._free, key, size)
+        return size
+
+    def _free(self, key: int, size: int) -> None:
+        if self._seen.pop(key, None) is not None:
+            self.live_bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._add(t)
+        return out
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.static_bytes + self.peak_bytes) / 2 ** 20
+
+    @property
+    def static_mb(self) -> float:
+        return self.static_bytes / 2 ** 20
