@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+RANK_FREE = ("linear-probe", "full")  # no rank: run once, at the first rank given
+
 
 def log(path: Path, record: dict) -> None:
     """Append one finished run (a crash or Ctrl-C keeps everything before it)."""

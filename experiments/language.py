@@ -32,7 +32,7 @@ from liera.targeting import find_targets  # noqa: E402
 from liera.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
 from liera.training import run_arm  # noqa: E402
 
-from common import add_common_arguments, choose_rates, done, log, read  # noqa: E402
+from common import RANK_FREE, add_common_arguments, choose_rates, done, log, read  # noqa: E402
 
 HEAD = "classifier"
 # the encoder's 36 linear layers (q, k, v, attention output, intermediate, output x 6 blocks), never the head
@@ -41,7 +41,6 @@ TARGETS = r"encoder\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|at
 GRID = {"linear-probe": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3], "liera-taylor": [1e-3, 3e-3, 1e-2],
         "liera-exact": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4], "peft-lora": [3e-4, 1e-3, 3e-3]}
 DEFAULT_METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "full")
-RANK_FREE = ("linear-probe", "full")  # run once, at the first rank
 TASKS = {"wordnet": wordnet_lex_1k}
 
 

