@@ -34,11 +34,31 @@ Saved-for-backward bytes
     graph that a recompute builds inside backward) are transient and freed layer by layer; they are
     recorded separately in the JSON (backward_packed_bytes_sum, an upper bound, and the largest one).
 
+Peak memory (exact)
+    Saved bytes only see what forward packs for backward; they miss memory that outlives backward (an
+    autograd ctx that still references a layer input, say, lives as long as the graph, and in a training
+    loop the graph lives until `loss` is rebound after the *next* forward). So one more untimed pass per
+    variant runs two training steps inside liera.memory.TensorMemory, written like a training loop
+    (`loss = ...` each step, never deleted in between). TensorMemory counts every tensor storage an op
+    creates (forward, backward, optimizer) and subtracts it when freed; peak_bytes = parameters and
+    buffers (static_bytes) + the peak of everything created on top (activations, temporaries,
+    gradients, optimizer state; SGD here keeps none). Tensors made before the steps (the shared input)
+    are not counted, nor is scratch memory a kernel allocates and frees internally. Two steps because
+    the optimizer state appears in the first and the second shows the steady state, with the previous
+    graph still alive during its forward. The JSON also has the peak of the first step alone
+    (peak_first_step_bytes) and what was still live after the last step with its loss held
+    (live_after_steps_bytes: 4, the loss, when nothing outlives backward). A failure here is recorded
+    (peak_error) and the run goes on.
+
+    --memory-only skips warm-up and timed rounds and runs only these two untimed measurements: both are
+    exact, so they can be taken on a loaded machine where timings could not.
+
 A variant that raises (at construction or in a step) is recorded as n/a with the exception message;
 the benchmark goes on.
 
     python benchmarks/train_step.py --quick                 # smoke run, a few seconds
     python benchmarks/train_step.py --shapes a,b,c,d,e      # the real run
+    python benchmarks/train_step.py --memory-only --threads 1 --out benchmarks/results/train_step_memory.json
 """
 from __future__ import annotations
 
@@ -66,6 +86,7 @@ from torch import nn
 R, ALPHA = 16, 16
 VARIANTS = ["liera-taylor", "liera-exact", "peft-lora", "peft-dora", "peft-hira", "full-ft", "frozen"]
 LIERA = ("liera-taylor", "liera-exact")
+PEAK_STEPS = 2  # the optimizer state (if any) appears in the first; the second runs with the first's graph alive
 
 # The project's targets (see docs/performance.md). time_vs_full / time_vs_hira apply to shapes a, b, d;
 # depthwise_vs_full to shapes c and e; bytes_vs_lora and exact_vs_taylor to every shape.
@@ -195,6 +216,8 @@ class Runner:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.saved_bytes: Optional[int] = None
+        self.peak: dict[str, int] = {}
+        self.peak_error: Optional[str] = None
         self.model = copy.deepcopy(shape.model)
         self.model.train()
         self.inputs = dict(shape.inputs)
@@ -287,6 +310,35 @@ class Runner:
         return {"saved_bytes": sum(forward.values()), "saved_tensors": len(forward),
                 "backward_packed_bytes_sum": sum(backward), "backward_packed_max_tensor_bytes": max(backward, default=0)}
 
+    def measure_peak(self, steps: int = PEAK_STEPS) -> dict[str, int]:
+        """Exact peak tensor memory over `steps` training steps (see "Peak memory" above).
+
+        Written as a training loop would be: `loss` is rebound each step and not deleted before the next
+        forward, so anything the previous graph still holds after backward shows up in the second step.
+        """
+        from liera.memory import TensorMemory  # imported here: a missing module only costs this column
+
+        held = [*self.model.parameters(), *self.model.buffers()]
+        static = TensorMemory(held).static_bytes
+        # The shared input exists before the steps and is not counted. It is passed as known storage all the
+        # same: TensorMemory would otherwise count a view of it made inside a step (liera's backward reshapes
+        # the first layer's input) as a new allocation of the whole input, never freed.
+        inputs = [v for v in self.inputs.values() if isinstance(v, torch.Tensor)]
+        mem = TensorMemory([*held, *inputs])
+        first = 0
+        with mem:
+            for i in range(steps):
+                loss = self.forward()
+                self.backward_and_update(loss)
+                if i == 0:
+                    first = mem.peak_bytes
+            # with the last loss (and so its graph) still alive: what outlives backward (4 bytes: the loss)
+            live_after = mem.live_bytes
+        del loss
+        return {"peak_bytes": static + mem.peak_bytes, "static_bytes": static,
+                "peak_first_step_bytes": static + first, "live_after_steps_bytes": live_after,
+                "input_bytes": mem.static_bytes - static, "peak_steps": steps}
+
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:
     """(wall seconds, process CPU seconds over all threads) of one call."""
@@ -330,7 +382,7 @@ def run_shape(key: str, args) -> dict:
     gc.freeze()
     live = list(runners)
     load: list = []  # 1-minute load average after each round (other processes on the machine skew timings)
-    rounds = args.warmup + args.repeats
+    rounds = 0 if args.memory_only else args.warmup + args.repeats
     for rnd in range(rounds):
         k = rnd % max(len(live), 1)
         order = live[k:] + live[:k]
@@ -359,6 +411,14 @@ def run_shape(key: str, args) -> dict:
             runner.saved_bytes = runner.saved["saved_bytes"]
         except Exception as exc:
             runner.error = f"saved-bytes step failed: {short_error(exc)}"
+            continue
+        try:  # a failure here keeps the variant's other numbers; only the peak columns become n/a
+            gc.collect()
+            runner.peak = runner.measure_peak()
+        except Exception as exc:
+            runner.peak_error = f"peak-memory step failed: {short_error(exc)}"
+            if args.verbose:
+                traceback.print_exc()
     result = {"key": key, "title": shape.title, "targets": shape.targets, "notes": shape.notes,
               "loadavg_1min_per_round": load, "variants": {}}
     for name in args.variants:
@@ -367,10 +427,13 @@ def run_shape(key: str, args) -> dict:
         if runner is None or runner.error:
             entry = {"status": "n/a", "error": failed.get(name) or runner.error}
         else:
-            entry.update({"times_s": runner.times, "median_s": statistics.median(runner.times),
-                          "min_s": min(runner.times), "cpu_times_s": runner.cpu_times,
-                          "cpu_median_s": statistics.median(runner.cpu_times), **runner.saved,
-                          "trainable_params": sum(p.numel() for p in runner.trainable)})
+            if runner.times:
+                entry.update({"times_s": runner.times, "median_s": statistics.median(runner.times),
+                              "min_s": min(runner.times), "cpu_times_s": runner.cpu_times,
+                              "cpu_median_s": statistics.median(runner.cpu_times)})
+            entry.update({**runner.saved, **runner.peak, "trainable_params": sum(p.numel() for p in runner.trainable)})
+            if runner.peak_error:
+                entry["peak_error"] = runner.peak_error
         result["variants"][name] = entry
     del runners, live
     gc.unfreeze()
@@ -391,42 +454,57 @@ def _get(result: dict, name: str, field_: str) -> Optional[float]:
 
 
 def add_ratios(result: dict) -> None:
+    """Ratios against PEFT LoRA, HiRA and full FT of the same shape; None where either side is missing
+    (--memory-only runs have no times, older JSON files no peak)."""
     for name, v in result["variants"].items():
         if v.get("status") != "ok":
             continue
-        v["time_vs_lora"] = _ratio(v["median_s"], _get(result, "peft-lora", "median_s"))
-        v["time_vs_full"] = _ratio(v["median_s"], _get(result, "full-ft", "median_s"))
-        v["time_vs_hira"] = _ratio(v["median_s"], _get(result, "peft-hira", "median_s"))
+        for field_, short in (("median_s", "time"), ("cpu_median_s", "cpu"), ("peak_bytes", "peak")):
+            # the time ratios also on process CPU time (less sensitive to other processes taking the cores)
+            for other, suffix in (("peft-lora", "lora"), ("full-ft", "full"), ("peft-hira", "hira")):
+                v[f"{short}_vs_{suffix}"] = _ratio(v.get(field_), _get(result, other, field_))
         v["bytes_vs_lora"] = _ratio(v["saved_bytes"], _get(result, "peft-lora", "saved_bytes"))
-        # the same ratios on process CPU time (less sensitive to other processes taking the cores)
-        v["cpu_vs_lora"] = _ratio(v["cpu_median_s"], _get(result, "peft-lora", "cpu_median_s"))
-        v["cpu_vs_full"] = _ratio(v["cpu_median_s"], _get(result, "full-ft", "cpu_median_s"))
-        v["cpu_vs_hira"] = _ratio(v["cpu_median_s"], _get(result, "peft-hira", "cpu_median_s"))
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _mb(x: Optional[int]) -> Optional[float]:
+    return None if x is None else x / 2 ** 20
+
+
 def table(result: dict) -> str:
-    head = ["variant", "step s (median)", "min s", "CPU s (median)", "x PEFT LoRA", "x full FT", "saved MB", "bytes x LoRA",
-            "trainable"]
+    """Markdown table of one shape; the timing columns only where the run was timed (not --memory-only)."""
+    timed_ = _has_times(result)
+    head = (["variant", "step s (median)", "min s", "CPU s (median)", "x PEFT LoRA", "x full FT"] if timed_ else ["variant"])
+    head += ["saved MB", "bytes x LoRA", "static MB", "peak MB", "peak x LoRA", "peak x HiRA", "peak x full FT", "trainable"]
     rows = []
     for name, v in result["variants"].items():
         if v.get("status") != "ok":
-            rows.append([name, "n/a", "", "", "", "", "", "", ""])
+            rows.append([name, "n/a"] + [""] * (len(head) - 2))
             continue
-        rows.append([name, _fmt(v["median_s"], ".4f"), _fmt(v["min_s"], ".4f"), _fmt(v["cpu_median_s"], ".4f"),
-                     _fmt(v["time_vs_lora"], ".2f"),
-                     _fmt(v["time_vs_full"], ".2f"), _fmt(v["saved_bytes"] / 2**20, ".2f"),
-                     _fmt(v["bytes_vs_lora"], ".2f"), f"{v['trainable_params']:,d}"])
+        row = [name]
+        if timed_:
+            row += [_fmt(v.get("median_s"), ".4f"), _fmt(v.get("min_s"), ".4f"), _fmt(v.get("cpu_median_s"), ".4f"),
+                    _fmt(v.get("time_vs_lora"), ".2f"), _fmt(v.get("time_vs_full"), ".2f")]
+        row += [_fmt(_mb(v["saved_bytes"]), ".2f"), _fmt(v["bytes_vs_lora"], ".2f"), _fmt(_mb(v.get("static_bytes")), ".2f"),
+                _fmt(_mb(v.get("peak_bytes")), ".2f"), _fmt(v.get("peak_vs_lora"), ".2f"), _fmt(v.get("peak_vs_hira"), ".2f"),
+                _fmt(v.get("peak_vs_full"), ".2f"), f"{v['trainable_params']:,d}"]
+        rows.append(row)
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
     for name, v in result["variants"].items():
         if v.get("status") != "ok":
             out.append(f"  {name} n/a: {v.get('error')}")
+        elif v.get("peak_error"):
+            out.append(f"  {name} peak n/a: {v['peak_error']}")
     return "\n".join(out)
+
+
+def _has_times(result: dict) -> bool:
+    return any("median_s" in v for v in result["variants"].values())
 
 
 def check_targets(results: list[dict]) -> list[dict]:
@@ -446,6 +524,8 @@ def check_targets(results: list[dict]) -> list[dict]:
             v = res["variants"].get(name, {})
             ok = v.get("status") == "ok"
             add(key, name, "saved bytes / PEFT LoRA", v.get("bytes_vs_lora") if ok else None, TARGETS["bytes_vs_lora"])
+            if not _has_times(res):  # --memory-only: no time targets to judge
+                continue
             if key in DENSE_SHAPES:
                 add(key, name, "step time / full FT", v.get("time_vs_full") if ok else None, TARGETS["time_vs_full"],
                     v.get("cpu_vs_full") if ok else None)
@@ -454,6 +534,8 @@ def check_targets(results: list[dict]) -> list[dict]:
             if key in DEPTHWISE_SHAPES:
                 add(key, name, "step time / full FT", v.get("time_vs_full") if ok else None, TARGETS["depthwise_vs_full"],
                     v.get("cpu_vs_full") if ok else None)
+        if not _has_times(res):
+            continue
         add(key, "liera-exact", "exact / taylor step time",
             _ratio(_get(res, "liera-exact", "median_s"), _get(res, "liera-taylor", "median_s")), TARGETS["exact_vs_taylor"],
             _ratio(_get(res, "liera-exact", "cpu_median_s"), _get(res, "liera-taylor", "cpu_median_s")))
@@ -490,9 +572,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 5; 2 with --quick)")
     ap.add_argument("--warmup", type=int, default=None, help="discarded rounds per shape (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="no warm-up and no timed rounds: only the (exact) saved-bytes and peak-memory steps")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: all cores; 1 with --quick, which only checks that all runs)")
     ap.add_argument("--out", default=None, help="where the JSON goes (default benchmarks/results/train_step_cpu.json; "
+                    "with --memory-only benchmarks/results/train_step_memory.json; "
                     "with --quick benchmarks/results/train_step_cpu_quick.json, git-ignored)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
     ap.add_argument("--report", metavar="JSON", help="do not run: print the tables of a JSON this script wrote")
@@ -506,8 +591,10 @@ def main(argv=None) -> int:
               f"torch {data['meta']['torch']}, peft {data['meta']['peft']})")
         summary(data["shapes"], check_targets(data["shapes"]))
         return 0
-    if args.out is None:
-        args.out = "benchmarks/results/train_step_cpu_quick.json" if args.quick else "benchmarks/results/train_step_cpu.json"
+    if args.out is None:  # the quick file is git-ignored; a memory-only run must not overwrite the timed results
+        args.out = ("benchmarks/results/train_step_cpu_quick.json" if args.quick else
+                    "benchmarks/results/train_step_memory.json" if args.memory_only else
+                    "benchmarks/results/train_step_cpu.json")
     args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -517,7 +604,9 @@ def main(argv=None) -> int:
     bad += [s for s in shapes if s not in SHAPES]
     if bad:
         ap.error(f"unknown shape(s)/variant(s) {bad}")
-    if args.repeats < 1 or args.warmup < 0:
+    if args.memory_only:
+        args.repeats = args.warmup = 0
+    elif args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     torch.set_num_threads(args.threads or (1 if args.quick else os.cpu_count() or 1))
 
@@ -531,10 +620,12 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "peft": peft_version, "liera": liera.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor() or _cpu_model(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+            "memory_only": args.memory_only, "peak_steps": PEAK_STEPS,
             "r": R, "alpha": ALPHA, "optimizer": "SGD(lr=1e-6) on trainable tensors",
             "loss": "output.float().pow(2).mean()"}
+    rounds = "memory only (no timed rounds)" if args.memory_only else f"{args.warmup} warm-up + {args.repeats} timed rounds"
     print(f"torch {meta['torch']}, peft {meta['peft']}, liera {meta['liera']}, {meta['threads']} threads, "
-          f"{args.warmup} warm-up + {args.repeats} timed rounds{', QUICK sizes' if args.quick else ''}", flush=True)
+          f"{rounds}{', QUICK sizes' if args.quick else ''}", flush=True)
     t0 = time.perf_counter()
     results = []
     for key in shapes:
