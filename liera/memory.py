@@ -54,7 +54,23 @@ class TensorMemory(TorchDispatchMode):
         if self._seen.pop(key, None) is not None:
             self.live_bytes -= size
 
+    def _note_existing(self, t: torch.Tensor) -> None:
+        """A storage first met as an op's input was made before the context: not new memory (its views
+        made inside must not count it either). Forgotten when freed, since its address may be reused."""
+        if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = storage.data_ptr()
+        if storage.nbytes() and key not in self._seen:
+            self._seen[key] = 0
+            weakref.finalize(storage, self._free, key, 0)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            self._note_existing(t)
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             self._add(t)

@@ -28,3 +28,19 @@ def test_bf16_update_smoke(tmp_path, capsys):
         assert all(r["peft_hira"] < 1e-2 for r in f32)
     big = next(r for r in rows if r["dtype"] == "bfloat16" and r["mean_abs_D"] == 0.1)
     assert big["liera"] < 0.1  # a 10% update survives bf16 rounding
+
+
+@pytest.mark.parametrize("extra", [[], ["--memory-only"]], ids=["timed", "memory-only"])
+def test_train_step_quick(tmp_path, extra):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", *extra,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert out.exists() and json.loads(out.read_text())
+    assert "peak MB" in proc.stdout

@@ -52,3 +52,15 @@ def test_frozen_model_keeps_no_gradient_memory():
         del out
     assert mem.live_bytes == 0  # input and output were freed; no gradient, no saved activation
     assert mem.peak_bytes == 2 * 8 * 512 * 4  # input and output at once
+
+
+def test_views_of_tensors_made_before_the_context_are_not_new_memory():
+    before = torch.zeros(256, 1024)  # 1 MB, made outside
+    mem = TensorMemory()
+    with mem:
+        view = before.view(-1)[:10]
+        again = before.reshape(1024, 256)
+        fresh = before + 1
+        assert mem.live_bytes == 1 * MB  # only `fresh`
+    del view, again, fresh
+    assert mem.live_bytes == 0
