@@ -2,7 +2,8 @@
 
 liera forms W_eff = W + W * D in float32 and runs ONE op with W_eff rounded to the layer's dtype; PEFT's HiRA
 runs the base op in bf16 and a second, float32 op with W * (B @ A) on a float32 copy of the input, adds the
-outputs in float32 and rounds once. This script measures what each keeps of the update: a bf16 Linear(1024, 1024), factors scaled so
+outputs in float32 and rounds once; liera's update_branch="float32" does the same. This script measures what
+each keeps of the update: a bf16 Linear(1024, 1024), factors scaled so
 that mean |D| is 1e-4 ... 1e-1, and the error of the output change against a float64 reference:
 
     update error = || (y - y_base) - (y_ref - y_ref_base) || / || y_ref - y_ref_base ||
@@ -36,9 +37,11 @@ def factors(out_f: int, in_f: int, r: int, mean_abs_d: float, seed: int) -> tupl
     return a, b * (mean_abs_d / (b @ a).abs().mean())
 
 
-def liera_output(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def liera_output(base: nn.Linear, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
+                 update_branch: str = "merged") -> torch.Tensor:
     lm = liera.get_liera_model(copy.deepcopy(base), liera.LieRAConfig(r=a.shape[0], alpha=float(a.shape[0]),
-                                                                       target_parameters=["weight"]))
+                                                                       target_parameters=["weight"],
+                                                                       update_branch=update_branch))
     gen = lm.base_model.liera_weight["default"]
     with torch.no_grad():
         gen.lora_A.copy_(a)
@@ -86,15 +89,18 @@ def main(argv=None) -> int:
             d = b.double() @ a.double()
             ref = xd @ (w + w * d).T + base.bias.double()
             row = {"dtype": str(dtype).replace("torch.", ""), "mean_abs_D": scale,
-                   "liera": update_error(liera_output(base, a, b, x), y_base, ref, ref_base)}
+                   "liera": update_error(liera_output(base, a, b, x), y_base, ref, ref_base),
+                   "liera_float32_branch": update_error(liera_output(base, a, b, x, "float32"), y_base, ref, ref_base)}
             if has_peft:
                 row["peft_hira"] = update_error(hira_output(base, a, b, x), y_base, ref, ref_base)
             rows.append(row)
-    print("| layer dtype | mean abs D | liera (one op with W_eff) | PEFT HiRA (base op + W*BA op) |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| layer dtype | mean abs D | liera, one op with W_eff (default) | liera, update_branch='float32' "
+          "| PEFT HiRA (base op + float32 W*BA op) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         hira = f"{row['peft_hira']:.3f}" if "peft_hira" in row else "n/a"
-        print(f"| {row['dtype']} | {row['mean_abs_D']:g} | {row['liera']:.3f} | {hira} |")
+        print(f"| {row['dtype']} | {row['mean_abs_D']:g} | {row['liera']:.3f} | {row['liera_float32_branch']:.3f} "
+              f"| {hira} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"rows": rows, "torch": torch.__version__, "size": args.size, "batch": args.batch}, fh, indent=2)

@@ -13,6 +13,7 @@ from .group import EXP_MAPS, UPDATES
 LIBRARY = "liera"
 TARGET_SHORTCUTS = ("all-linear", "all-conv", "all")
 ADAPTER_DTYPES = ("float32", "base")
+UPDATE_BRANCHES = ("merged", "float32")
 
 
 @dataclass
@@ -29,6 +30,10 @@ class LieRAConfig:
     dropout: dropout on the input of the update branch (as in LoRA), training only.
     modules_to_save: modules trained in full and stored with the adapter (a classifier head, say).
     adapter_dtype: "float32" keeps adapter tensors in float32 on a bf16/fp16 base; "base" uses its dtype.
+    update_branch: "merged" (default) runs one op with W_eff rounded to W's dtype; "float32" runs
+        op(x, W) + op(x, W_eff - W) with the second op in float32 (or wider) and one rounding of the sum, as
+        PEFT's HiRA does: on a bf16/fp16 base it keeps about twice as much of a small update, for one more
+        full-size float32 op (no gain on a float32 base; docs/lifecycle.md has the measurement).
     """
 
     r: int = 8
@@ -47,6 +52,7 @@ class LieRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
     adapter_dtype: str = "float32"
+    update_branch: str = "merged"
     fast_path: bool = True
 
     def __post_init__(self) -> None:
@@ -71,6 +77,9 @@ class LieRAConfig:
             raise ValueError(f"LieRAConfig: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"LieRAConfig: adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}.")
+        if self.update_branch not in UPDATE_BRANCHES:
+            raise ValueError(f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got {self.update_branch!r}; "
+                             "'float32' keeps small updates on a bf16/fp16 base at the cost of one float32 op.")
         if self.init_weights not in (True, False, "gaussian"):
             raise ValueError(f"LieRAConfig: init_weights must be True, False or 'gaussian', got {self.init_weights!r}.")
         if self.target_modules is None and not self.target_parameters:

@@ -191,7 +191,8 @@ class LieRAModel(nn.Module):
                 owner.add_module(child, adapted)
             adapted.train(owner.training)
             adapted.add(adapter_name, item.generator,
-                        AdapterSettings(config.exp_map, config.update, float(config.dropout), config.fast_path))
+                        AdapterSettings(config.exp_map, config.update, float(config.dropout), config.fast_path,
+                                        config.update_branch))
             install_hooks(owner)
         if state_dict is not None:
             with torch.no_grad():

@@ -47,6 +47,7 @@ class AdapterSettings:
     update: str = "multiplicative"
     dropout: float = 0.0
     fast_path: bool = True
+    update_branch: str = "merged"
 
 
 class AdaptedWeight(nn.ModuleDict):
@@ -138,8 +139,10 @@ class AdaptedWeight(nn.ModuleDict):
         return any(type(self[n]).transform is not Generator.transform for n in names)
 
     def effective(self, weight: Tensor, names: Optional[Sequence[str]] = None,
-                  dtype: Optional[torch.dtype] = None, tensors: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """W_eff for the given adapters (default: the live ones), formed in float32 or wider, cast once."""
+                  dtype: Optional[torch.dtype] = None, tensors: Optional[Sequence[Tensor]] = None,
+                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """W_eff for the given adapters (default: the live ones), formed in float32 or wider, cast once
+        (to W's dtype unless out_dtype says otherwise)."""
         names = self.live() if names is None else list(names)
         if not names:
             return weight
@@ -150,7 +153,7 @@ class AdaptedWeight(nn.ModuleDict):
             w = weight.to(cd)
             for n, gen, given in bound:
                 out = gen.transform(out, w) if given is None else functional_call(gen, given, (out, w), {"transform": True})
-        return out.to(weight.dtype)
+        return out.to(out_dtype or weight.dtype)
 
     def merged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
         """The weight with these adapters merged in (generators with a transform record what undoes it)."""
@@ -169,14 +172,15 @@ class AdaptedWeight(nn.ModuleDict):
             out = self[n].unmerge_transform(out)
         return group.unapply(out, self.terms(names, cd), self._update_kind(names)).to(weight.dtype)
 
-    def difference(self, weight: Tensor, names: Sequence[str], tensors: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """W_eff - W without cancellation (the dropout branch's weight)."""
+    def difference(self, weight: Tensor, names: Sequence[str], tensors: Optional[Sequence[Tensor]] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """W_eff - W without cancellation (the update branch's weight), in W's dtype unless out_dtype is given."""
         cd = self._compute_dtype(weight, names)
         w = weight.to(cd)
         if self.has_transform(names):
-            return (self.effective(weight, names, cd, tensors).to(cd) - w).to(weight.dtype)
+            return (self.effective(weight, names, cd, tensors, out_dtype=cd) - w).to(out_dtype or weight.dtype)
         terms = self.terms(names, cd, tensors=tensors)
-        return group.delta_weight(w, terms, self._update_kind(names)).to(weight.dtype)
+        return group.delta_weight(w, terms, self._update_kind(names)).to(out_dtype or weight.dtype)
 
     def effective_rows(self, weight: Tensor, index: Tensor, names: Sequence[str]) -> Tensor:
         """W_eff[index] from the gathered rows only (embeddings)."""
@@ -200,15 +204,25 @@ class AdaptedWeight(nn.ModuleDict):
             op = None
         fast = (op is not None and grad_needed and all(self.settings[n].fast_path for n in names)
                 and not torch.compiler.is_compiling())
+        # the update as its own float32 op, summed in float32 and rounded once (HiRA's precision)
+        wide = self._compute_dtype(weight, names) if op is not None and any(
+            self.settings[n].update_branch == "float32" for n in names) else None
         if fast:
             p = max(self.settings[n].dropout for n in names) if training else 0.0
-            if p == 0.0:
+            if p == 0.0 and wide is None:
                 return recomputed_op(op, lambda w, ps: self.effective(w, names, tensors=ps), weight, params)
-            # LoRA-style dropout acts on the update branch only: op(x, W) + op(drop(x), W_eff - W)
+            # the update branch: op(x, W) + op(drop(x), W_eff - W); dropout acts on it only, as in LoRA
             base = op.forward(op.input, weight, op.bias)
-            dropped = F.dropout(op.input, p, training=True)
-            return base + recomputed_op(op, lambda w, ps: self.difference(w, names, ps), weight, params,
-                                        x=dropped, with_bias=False)
+            x = op.input if wide is None else op.input.to(wide)
+            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+            branch = recomputed_op(op, lambda w, ps: self.difference(w, names, ps, out_dtype=wide), weight, params,
+                                   x=dropped, with_bias=False)
+            return base + branch if wide is None else (base + branch).to(base.dtype)
+        if wide is not None:
+            diff = self._cached(weight, names, params, grad_needed, training, "difference",
+                                lambda: self.difference(weight, names, params, out_dtype=wide))
+            base = op.forward(op.input, weight, op.bias)
+            return (base + op.forward(op.input.to(wide), diff, None)).to(base.dtype)
         key = id(self)
         if key not in memo:
             memo[key] = self._generic_weight(weight, names, params, grad_needed, training)
@@ -219,17 +233,22 @@ class AdaptedWeight(nn.ModuleDict):
         return func(*args, **kwargs)
 
     def _generic_weight(self, weight, names, params, grad_needed, training) -> Tensor:
+        return self._cached(weight, names, params, grad_needed, training, "effective",
+                            lambda: self.effective(weight, names))
+
+    def _cached(self, weight, names, params, grad_needed, training, what: str, build) -> Tensor:
+        """Built with autograd when gradients are needed; in eval, kept until a parameter or setting changes."""
         if grad_needed:
-            return self.effective(weight, names)
+            return build()
         if training:
             with torch.no_grad():
-                return self.effective(weight, names)
-        key = (tuple(names), weight.data_ptr(), weight._version, weight.dtype,
+                return build()
+        key = (what, tuple(names), weight.data_ptr(), weight._version, weight.dtype,
                tuple((p.data_ptr(), p._version) for p in params),
                tuple(self.settings[n].exp_map for n in names))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self.effective(weight, names))
+                self._cache = (key, build())
         return self._cache[1]
 
 

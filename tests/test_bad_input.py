@@ -36,6 +36,7 @@ def assert_untouched(model, snap, x, y0):
     ({"exp_map": "cayley"}, r"unknown exp_map 'cayley'; use one of \['taylor', 'exact'\]"),
     ({"update": "sideways"}, "unknown update"),
     ({"dropout": 1.5}, "dropout must be in"),
+    ({"update_branch": "fp32"}, r"update_branch must be one of \['merged', 'float32'\]"),
     ({"generator": "nope"}, r"unknown generator 'nope'; known generators: \[.*'lora'"),
     ({"target_modules": None}, "nothing to adapt"),
     ({"target_modules": "(unclosed"}, "not a valid regex"),

@@ -26,8 +26,9 @@ def test_bf16_update_smoke(tmp_path, capsys):
     assert all(r["liera"] < 1e-2 for r in f32)  # a float32 layer keeps the update (independent float64 reference)
     if "peft_hira" in f32[0]:
         assert all(r["peft_hira"] < 1e-2 for r in f32)
+    assert all(r["liera_float32_branch"] < 1e-2 for r in f32)
     big = next(r for r in rows if r["dtype"] == "bfloat16" and r["mean_abs_D"] == 0.1)
-    assert big["liera"] < 0.1  # a 10% update survives bf16 rounding
+    assert big["liera"] < 0.1 and big["liera_float32_branch"] < 0.1  # a 10% update survives bf16 rounding
 
 
 @pytest.mark.parametrize("extra", [[], ["--memory-only"]], ids=["timed", "memory-only"])

@@ -92,6 +92,68 @@ def test_gradcheck_float64(case, exp_map):
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("exp_map", MAPS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_float32_update_branch_matches_reference_and_gradcheck(case, exp_map):
+    """update_branch="float32": op(x, W) + op(x, W_eff - W) in training (fast path) and eval, and its gradients
+    (float64 here, where the branch runs in float64)."""
+    model, cfg = wrap(case, exp_map, update_branch="float32")
+    base_copy = copy.deepcopy(model)
+    x = case.make_input()
+    lm = liera.get_liera_model(model, cfg)
+    perturb(lm)
+    adapted = next(a for _, _, a in lm.adapted_weights())
+    y_ref = reference_output(base_copy, case, reference_weight(get_weight(model, case), adapted["default"], exp_map), x)
+    torch.testing.assert_close(lm(x), y_ref, rtol=1e-4, atol=1e-5)
+    lm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lm(x), y_ref, rtol=1e-4, atol=1e-5)
+    lm.train()
+    lm.double()
+    names = [n for n, p in lm.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_(True) for n, p in lm.named_parameters() if p.requires_grad]
+    floating = x.is_floating_point()
+    inputs = (*params, x.double().requires_grad_(True)) if floating else tuple(params)
+
+    def f(*tensors):
+        return functional_call(lm, dict(zip(names, tensors[:len(names)])), (tensors[-1] if floating else x,))
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_float32_update_branch_keeps_small_updates_on_a_bfloat16_base():
+    """bf16 Linear, relative update ~1e-3 (below bf16's rounding step): one merged op loses most of it; the
+    float32 branch computes bf16(op(x, W) + op_fp32(x, W * D)), checked against that formula written out."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    a, b = torch.randn(2, 64), torch.randn(32, 2) * 1e-3
+    models = {}
+    for branch in ("merged", "float32"):
+        lm = liera.get_liera_model(copy.deepcopy(base), liera.LieRAConfig(r=2, target_parameters=["weight"],
+                                                                           update_branch=branch))
+        gen = lm.base_model.liera_weight["default"]
+        with torch.no_grad():
+            gen.lora_A.copy_(a)
+            gen.lora_B.copy_(b / gen.scaling)
+        models[branch] = lm
+    d = b @ a
+    with torch.no_grad():
+        base_out = base(x)
+    expected = (base_out.float() + x.float() @ (base.weight.float() * d).T).to(torch.bfloat16)
+    for train in (True, False):
+        lm = models["float32"].train(train)
+        with torch.set_grad_enabled(train):
+            got = lm(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    w64 = base.weight.double()
+    true_shift = x.double() @ (w64 * d.double()).T
+    errors = {k: float(((m(x).detach().double() - base_out.double()) - true_shift).norm() / true_shift.norm())
+              for k, m in models.items()}
+    assert errors["float32"] < 0.8 * errors["merged"], errors
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_only_adapter_parameters_train(case):
     model, cfg = wrap(case, "taylor")
