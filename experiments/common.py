@@ -43,6 +43,15 @@ def choose_rates(groups: dict) -> dict:
     return {m: lr for m, (lr, _) in best.items()}
 
 
+def parse_lrs(text: str) -> dict:
+    """'lora=1e-3/3e-3,full=1e-4' -> {"lora": [1e-3, 3e-3], "full": [1e-4]}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        method, lr = item.split("=")
+        out[method] = [float(v) for v in lr.split("/")]
+    return out
+
+
 def add_common_arguments(p: argparse.ArgumentParser, *, tasks, default_task: str, methods, seeds: str,
                          epochs: int, out: str) -> None:
     p.add_argument("--task", choices=sorted(tasks), default=default_task)
@@ -53,4 +62,6 @@ def add_common_arguments(p: argparse.ArgumentParser, *, tasks, default_task: str
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=out)
+    p.add_argument("--grid", default="", help="override learning rates, e.g. 'lora=1e-3/3e-3,full=1e-4' (select); "
+                                              "in the test stage a single value overrides the chosen rate")
     p.add_argument("--smoke", action="store_true", help="tiny run in seconds (CI keeps the code alive)")

@@ -32,7 +32,7 @@ from liera.targeting import find_targets  # noqa: E402
 from liera.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
 from liera.training import run_arm  # noqa: E402
 
-from common import RANK_FREE, add_common_arguments, choose_rates, done, log, read  # noqa: E402
+from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read  # noqa: E402
 
 HEAD = "classifier"
 # the encoder's 36 linear layers (q, k, v, attention output, intermediate, output x 6 blocks), never the head
@@ -117,21 +117,11 @@ def tensors(task, max_length: int, limit=None):
             tokenize(task.test_text[:m], max_length), torch.as_tensor(task.test_y[:m]).long())
 
 
-def parse_lrs(text: str) -> dict:
-    out = {}
-    for item in filter(None, text.split(",")):
-        method, lr = item.split("=")
-        out[method] = [float(v) for v in lr.split("/")]
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p, tasks=TASKS, default_task="wordnet", methods=DEFAULT_METHODS, seeds="0", epochs=3,
                          out="runs/language")
     p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--grid", default="", help="override learning rates, e.g. 'lora=1e-3/3e-3,full=1e-4' (select); "
-                                              "in the test stage a single value overrides the chosen rate")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     # liera.training.fit logs float(loss) of a tensor that requires grad; torch >= 2.13 warns about it every step

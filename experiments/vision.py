@@ -22,7 +22,7 @@ from liera.data import digits_1k, fashion_mnist_1k, to_model_input
 from liera.demo import HEAD, load_efficientnet_lite0
 from liera.training import run_arm
 
-from common import RANK_FREE, add_common_arguments, choose_rates, done, log, read
+from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read
 
 # widened where the best rate fell on an edge (the first grid was 3 rates per method)
 GRID = {"linear-probe": [3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2],
@@ -72,14 +72,16 @@ def main(argv=None) -> int:
     template = load_efficientnet_lite0(task.num_classes)
     records = out / f"{args.task}-{args.stage}.jsonl"
     finished = done(records)
+    grid = {**GRID, **parse_lrs(args.grid)}
     if args.stage == "select":
         data = tensors(task.validation_split(0.2, seed=0), args.resolution, limit)
         plan = [(m, r, lr, s) for m in methods for r in (ranks[:1] if m in RANK_FREE else ranks)
-                for lr in (GRID[m][:1] if args.smoke else GRID[m]) for s in seeds]
+                for lr in (grid[m][:1] if args.smoke else grid[m]) for s in seeds]
     else:
         chosen = json.loads((out / f"{args.task}-chosen.json").read_text()) if not args.smoke else {}
+        chosen.update({m: v[0] for m, v in parse_lrs(args.grid).items()})
         data = tensors(task, args.resolution, limit)
-        plan = [(m, r, chosen.get(m, GRID[m][1]), s) for m in methods
+        plan = [(m, r, chosen.get(m, grid[m][1]), s) for m in methods
                 for r in (ranks[:1] if m in RANK_FREE else ranks) for s in seeds]
     for i, (method, r, lr, seed) in enumerate(plan):
         key = [args.task, args.stage, method, r, lr, seed, args.epochs, args.resolution]
