@@ -65,6 +65,13 @@ def setup(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def teardown():
+    """Both ranks reach here before the group goes: a rank that destroys it while its peer still talks to
+    gloo can abort ("terminate called without an active exception"), as one CI-like run showed."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def ddp_worker(rank, world, port, out_dir, kind, exp_map):
     setup(rank, world, port)
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -77,7 +84,7 @@ def ddp_worker(rank, world, port, out_dir, kind, exp_map):
     train(ddp, [p for p in ddp.parameters() if p.requires_grad], x[shard], y[shard])
     if rank == 0:
         torch.save({"state": lm.get_adapter_state_dict(), "reduced": sorted(reduced)}, os.path.join(out_dir, "ddp.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 def fsdp_worker(rank, world, port, out_dir, kind, exp_map, per_module):
@@ -96,7 +103,7 @@ def fsdp_worker(rank, world, port, out_dir, kind, exp_map, per_module):
     lm.save_pretrained(os.path.join(out_dir, "adapter"), is_main_process=rank == 0)
     if rank == 0:
         torch.save({"sharded": sharded}, os.path.join(out_dir, "fsdp.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 def shard_first_worker(rank, world, port, out_dir):
@@ -114,4 +121,4 @@ def shard_first_worker(rank, world, port, out_dir):
     if rank == 0:
         with open(os.path.join(out_dir, "error.txt"), "w") as fh:
             fh.write(message)
-    dist.destroy_process_group()
+    teardown()
