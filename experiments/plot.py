@@ -30,6 +30,14 @@ def series(records: Path, chosen: dict) -> dict:
     return {m: sorted(v) for m, v in out.items()}
 
 
+def floor(data: dict) -> float:
+    """The lowest mean worth the axis: the linear probe when there is one (an arm below it collapsed)."""
+    probe = data.get("linear-probe")
+    if probe:
+        return probe[0][1] - probe[0][2]
+    return min(m for pts in data.values() for _, m, _, _ in pts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", required=True, help="task=folder,... (the folder holds <task>-test.jsonl and "
@@ -60,6 +68,14 @@ def main(argv=None) -> int:
                 continue
             rs, means, sds = [q[0] for q in pts], [q[1] for q in pts], [q[2] for q in pts]
             ax.errorbar(rs, means, yerr=sds, color=color, marker=marker, capsize=3, lw=1.4, label=label)
+        # the axis spans the linear probe .. the best arm; an arm that collapsed below it is written, not drawn
+        bottom = min(m for pts in data.values() for _, m, _, _ in pts if m >= floor(data)) - 0.01
+        top = min(1.0, max(m + sd for pts in data.values() for _, m, sd, _ in pts if m >= bottom)) + 0.005
+        ax.set_ylim(bottom, top)
+        off_axis = [f"{STYLE[m][0]}, r = {r}: {mean:.3f} ± {sd:.3f} (off the axis)"
+                    for m, pts in data.items() for r, mean, sd, _ in pts if mean < bottom]
+        if off_axis:
+            ax.text(0.02, 0.98, "\n".join(off_axis), transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks or [8])
         ax.set_xticklabels([str(r) for r in ranks or [8]])
