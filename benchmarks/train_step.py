@@ -318,13 +318,11 @@ class Runner:
         """
         from liera.memory import TensorMemory  # imported here: a missing module only costs this column
 
-        held = [*self.model.parameters(), *self.model.buffers()]
-        static = TensorMemory(held).static_bytes
-        # The shared input exists before the steps and is not counted. It is passed as known storage all the
-        # same: TensorMemory would otherwise count a view of it made inside a step (liera's backward reshapes
-        # the first layer's input) as a new allocation of the whole input, never freed.
-        inputs = [v for v in self.inputs.values() if isinstance(v, torch.Tensor)]
-        mem = TensorMemory([*held, *inputs])
+        # the shared input exists before the steps: TensorMemory treats storages it first meets as op
+        # inputs as pre-existing, so neither the input nor views of it made inside a step count as new
+        mem = TensorMemory([*self.model.parameters(), *self.model.buffers()])
+        static = mem.static_bytes
+        input_bytes = sum(v.untyped_storage().nbytes() for v in self.inputs.values() if isinstance(v, torch.Tensor))
         first = 0
         with mem:
             for i in range(steps):
@@ -337,7 +335,7 @@ class Runner:
         del loss
         return {"peak_bytes": static + mem.peak_bytes, "static_bytes": static,
                 "peak_first_step_bytes": static + first, "live_after_steps_bytes": live_after,
-                "input_bytes": mem.static_bytes - static, "peak_steps": steps}
+                "input_bytes": input_bytes, "peak_steps": steps}
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:

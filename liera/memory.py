@@ -33,16 +33,21 @@ class TensorMemory(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
 
-    def _add(self, t: torch.Tensor, static: bool = False) -> int:
+    def _storage(self, t) -> Optional[torch.UntypedStorage]:
+        """The storage behind `t`, or None (not a tensor, another device, a subclass or meta tensor)."""
         if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
-            return 0
+            return None
         try:
             storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage, meta tensors
+        except (RuntimeError, NotImplementedError):
+            return None
+        return storage if storage.nbytes() else None
+
+    def _add(self, t: torch.Tensor, static: bool = False) -> int:
+        storage = self._storage(t)
+        if storage is None or storage.data_ptr() in self._seen:
             return 0
         key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self._seen:
-            return 0
         self._seen[key] = size
         if not static:
             self.live_bytes += size
@@ -57,16 +62,10 @@ class TensorMemory(TorchDispatchMode):
     def _note_existing(self, t: torch.Tensor) -> None:
         """A storage first met as an op's input was made before the context: not new memory (its views
         made inside must not count it either). Forgotten when freed, since its address may be reused."""
-        if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
-            return
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = storage.data_ptr()
-        if storage.nbytes() and key not in self._seen:
-            self._seen[key] = 0
-            weakref.finalize(storage, self._free, key, 0)
+        storage = self._storage(t)
+        if storage is not None and storage.data_ptr() not in self._seen:
+            self._seen[storage.data_ptr()] = 0
+            weakref.finalize(storage, self._free, storage.data_ptr(), 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         for t in tree_leaves((args, kwargs)):
