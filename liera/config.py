@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -14,6 +15,7 @@ LIBRARY = "liera"
 TARGET_SHORTCUTS = ("all-linear", "all-conv", "all")
 ADAPTER_DTYPES = ("float32", "base")
 UPDATE_BRANCHES = ("merged", "float32")
+LAYER_SCALINGS = ("none", "rms")  # the generators' base class checks the same list
 
 
 @dataclass
@@ -34,6 +36,13 @@ class LieRAConfig:
         op(x, W) + op(x, W_eff - W) with the second op in float32 (or wider) and one rounding of the sum, as
         PEFT's HiRA does: on a bf16/fp16 base it keeps about twice as much of a small update, for one more
         full-size float32 op (no gain on a float32 base; docs/lifecycle.md has the measurement).
+    layer_scaling: "none" (default, the paper's LieRA) or "rms": D is multiplied by 1 / rms(W) of its layer, so
+        that W * D moves each weight by about (|W| / rms(W)) * D, as LoRA's W + D does, whatever the layer's
+        weight scale; one learning rate then suits layers whose weights differ 10x in scale. The factor is
+        fixed when the adapter is created and saved with it (docs/concepts.md has the reasoning).
+    rank_pattern, alpha_pattern: per-layer r and alpha, keyed like PEFT by module path (exact, suffix after a
+        '.', or a full regex), e.g. {"encoder.layer.0.attention.self.query": 16}; for target_parameters the
+        key may also name the parameter ("attn.in_proj_weight").
     """
 
     r: int = 8
@@ -53,6 +62,7 @@ class LieRAConfig:
     modules_to_save: Optional[list[str]] = None
     adapter_dtype: str = "float32"
     update_branch: str = "merged"
+    layer_scaling: str = "none"
     fast_path: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +90,9 @@ class LieRAConfig:
         if self.update_branch not in UPDATE_BRANCHES:
             raise ValueError(f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got {self.update_branch!r}; "
                              "'float32' keeps small updates on a bf16/fp16 base at the cost of one float32 op.")
+        if self.layer_scaling not in LAYER_SCALINGS:
+            raise ValueError(f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got {self.layer_scaling!r}; "
+                             "'rms' scales each layer's D by 1 / rms(W) (one learning rate for layers of any weight scale).")
         if self.init_weights not in (True, False, "gaussian"):
             raise ValueError(f"LieRAConfig: init_weights must be True, False or 'gaussian', got {self.init_weights!r}.")
         if self.target_modules is None and not self.target_parameters:
@@ -106,11 +119,23 @@ class LieRAConfig:
         get_generator(self.generator)  # raises with the list of known generators
 
     # ------------------------------------------------------------------ per-layer values
-    def rank_for(self, name: str) -> int:
-        return _pattern_value(self.rank_pattern, name, self.r)
+    def rank_for(self, path: str, param_name: str = "weight") -> int:
+        """r for the weight ``param_name`` of the module at ``path`` (rank_pattern, else r)."""
+        return _pattern_value(self.rank_pattern, "rank_pattern", path, param_name, self.r)
 
-    def alpha_for(self, name: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, name, self.alpha))
+    def alpha_for(self, path: str, param_name: str = "weight") -> float:
+        """alpha for the weight ``param_name`` of the module at ``path`` (alpha_pattern, else alpha)."""
+        return float(_pattern_value(self.alpha_pattern, "alpha_pattern", path, param_name, self.alpha))
+
+    def unmatched_patterns(self, weights: list[tuple[str, str]]) -> dict[str, list[str]]:
+        """Pattern keys that match none of the given (module path, parameter name) targets, by field."""
+        out = {}
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            keys = [k for k in getattr(self, field_name)
+                    if not any(_key_matches(k, path, param)[0] for path, param in weights)]
+            if keys:
+                out[field_name] = keys
+        return out
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -149,9 +174,29 @@ class LieRAConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT-style pattern lookup: a key matches a module name as a suffix or as a full regex."""
+def _name_matches(key: str, name: str) -> bool:
+    return name == key or name.endswith("." + key) or re.fullmatch(key, name) is not None
+
+
+def _key_matches(key: str, path: str, param_name: str) -> tuple[bool, bool]:
+    """(matches, by the deprecated weight-key form). Keys name module paths, as in PEFT; a target parameter
+    (anything but a module's "weight") may also be named by its own full name."""
+    if _name_matches(key, path):
+        return True, False
+    full = f"{path}.{param_name}" if path else param_name
+    if _name_matches(key, full):
+        return True, param_name == "weight"
+    return False, False
+
+
+def _pattern_value(pattern: dict, field_name: str, path: str, param_name: str, default):
+    """PEFT-style pattern lookup: the first key that matches the module path (exact, suffix, full regex)."""
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+        hit, old_form = _key_matches(key, path, param_name)
+        if hit:
+            if old_form:
+                warnings.warn(f"{field_name} key {key!r} names the weight ({path}.{param_name}); keys name module paths, "
+                              f"as in PEFT: use {path!r}. The weight form still works but will be removed.",
+                              FutureWarning, stacklevel=4)
             return value
     return default

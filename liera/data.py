@@ -72,6 +72,47 @@ def digits_1k(seed: int = 0) -> ImageTask:
     return ImageTask("digits-1k", images[tr], d.target[tr], images[te], d.target[te], [str(i) for i in range(10)])
 
 
+TEXTURE_SOURCES = ("brick", "grass", "gravel", "camera", "coins", "moon", "cell", "hubble_deep_field",
+                   "immunohistochemistry", "retina")
+
+
+def textures_1k(patch: int = 24, test_per_class: int = 200, seed: int = 0) -> ImageTask:
+    """Texture patches from the photographs that scikit-image ships (skimage.data): which of 10 images
+    (brick, grass, gravel, camera, coins, moon, cell, Hubble deep field, IHC stain, retina) a small grey
+    patch was cut from. 100 training patches per class from the top half of each image, `test_per_class`
+    test patches from the bottom half (no overlap); each patch is min-max normalised (no brightness cue)
+    and randomly rotated by a multiple of 90 degrees or flipped. A VTAB-1k style texture task (like DTD)."""
+    try:
+        from skimage import data as skdata
+        from skimage.color import rgb2gray
+    except ImportError as exc:
+        raise RuntimeError("the textures task needs scikit-image (pip install scikit-image, or liera[demo])") from exc
+    rng = np.random.default_rng(seed)
+
+    def cut(image: np.ndarray, rows: tuple[int, int], n: int) -> np.ndarray:
+        out = np.empty((n, patch, patch), np.uint8)
+        for i in range(n):
+            r = rng.integers(rows[0], rows[1] - patch + 1)
+            c = rng.integers(0, image.shape[1] - patch + 1)
+            p = image[r:r + patch, c:c + patch]
+            p = (p - p.min()) / max(float(p.max() - p.min()), 1e-6)
+            p = np.rot90(p, int(rng.integers(4)))
+            out[i] = np.round(255 * (p[:, ::-1] if rng.integers(2) else p))
+        return out
+
+    train_x, train_y, test_x, test_y = [], [], [], []
+    for label, name in enumerate(TEXTURE_SOURCES):
+        image = getattr(skdata, name)()
+        image = rgb2gray(image) if image.ndim == 3 else image / 255.0
+        half = image.shape[0] // 2
+        train_x.append(cut(image, (0, half), 100))
+        test_x.append(cut(image, (half, image.shape[0]), test_per_class))
+        train_y += [label] * 100
+        test_y += [label] * test_per_class
+    return ImageTask("textures-1k", np.concatenate(train_x), np.array(train_y), np.concatenate(test_x),
+                     np.array(test_y), list(TEXTURE_SOURCES))
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         raw = fh.read()

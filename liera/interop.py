@@ -47,7 +47,7 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optio
         why.append("update='additive' (that is LoRA, not HiRA; export it as a PEFT LoRA adapter instead)")
     if cfg.generator != "lora":
         why.append(f"generator={cfg.generator!r} (HiRA's D is a plain B @ A)")
-    tensors, ranks = {}, {}
+    tensors, layers = {}, []
     for key, owner, adapted in model.adapted_weights():
         if name not in adapted:
             continue
@@ -64,29 +64,34 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optio
             why.append(f"{key} is a grouped/depthwise convolution (HiRA refuses groups > 1)")
             continue
         a, b = gen.lora_A.detach().float(), gen.lora_B.detach().float() * gen.scaling
-        r = a.shape[0]
+        layers.append((path, kind, owner, a, b))
+    if why:
+        raise ValueError("this adapter has no exact PEFT HiRA equivalent: " + "; ".join(why[:6]) +
+                         (" ..." if len(why) > 6 else ""))
+    # one rank for all layers, lower ranks padded with zero components (B @ A unchanged): PEFT's HiRA builds every
+    # layer at config.r and ignores rank_pattern (peft 0.21); import_peft trims the padding again
+    rank = max(a.shape[0] for _, _, _, a, _ in layers)
+    for path, kind, owner, a, b in layers:
+        pad = rank - a.shape[0]
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])], 0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
         if kind == "linear":
             out = {"hira_A": a, "hira_B": b}
         elif kind == "conv":
-            out = {"hira_A": a.reshape(r, *owner.weight.shape[1:]),
-                   "hira_B": b.reshape(b.shape[0], r, *([1] * (owner.weight.dim() - 2)))}
+            out = {"hira_A": a.reshape(rank, *owner.weight.shape[1:]),
+                   "hira_B": b.reshape(b.shape[0], rank, *([1] * (owner.weight.dim() - 2)))}
         elif kind == "embedding":
             out = {"hira_embedding_A": b.t(), "hira_embedding_B": a.t()}
         else:  # GPT-2 Conv1D keeps W as (in, out); PEFT transposes B @ A for it
             out = {"hira_A": b.t(), "hira_B": a.t()}
         for suffix, t in out.items():
             tensors[f"{PREFIX}{path}.{suffix}"] = t.contiguous()
-        ranks[path] = r
-    if why:
-        raise ValueError("this adapter has no exact PEFT HiRA equivalent: " + "; ".join(why[:6]) +
-                         (" ..." if len(why) > 6 else ""))
     for key, t in model.get_adapter_state_dict(name).items():
         if key.startswith(MODULES_TO_SAVE + "."):
             tensors[PREFIX + key[len(MODULES_TO_SAVE) + 1:]] = t.float().contiguous()
-    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
     config = {
-        "peft_type": "HIRA", "task_type": None, "r": default_r, "target_modules": sorted(ranks),
-        "rank_pattern": {f"^{p}$": r for p, r in ranks.items() if r != default_r}, "hira_dropout": cfg.dropout,
+        "peft_type": "HIRA", "task_type": None, "r": rank, "target_modules": sorted(p for p, *_ in layers),
+        "rank_pattern": {}, "hira_dropout": cfg.dropout,
         "init_weights": True, "fan_in_fan_out": False, "modules_to_save": cfg.modules_to_save,
         "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
         "base_model_name_or_path": None, "revision": None,
@@ -140,6 +145,10 @@ def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = "defa
             b, a = f["hira_A"].t(), f["hira_B"].t()
         else:
             a, b = f["hira_A"].reshape(f["hira_A"].shape[0], -1), f["hira_B"].reshape(f["hira_B"].shape[0], -1)
+        keep = a.shape[0]  # trailing components that are zero in both factors are export padding (see export_peft)
+        while keep > 1 and not a[keep - 1].any() and not b[:, keep - 1].any():
+            keep -= 1
+        a, b = a[:keep], b[:, :keep]
         tensors[f"{path}.weight.lora_A"], tensors[f"{path}.weight.lora_B"] = a.contiguous(), b.contiguous()
         ranks[path] = a.shape[0]
     modules_to_save = sorted({k.rsplit(".", 1)[0] for k in saved}) or None

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import group, io
 from .config import LieRAConfig
-from .generators import get_generator
+from .generators import build_generator
 from .targeting import Target, find_targets
 from .weight import (ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, adapted_weights_of, install_hooks,
                      remove_hooks)
@@ -120,8 +120,13 @@ class LieRAModel(nn.Module):
     # ------------------------------------------------------------------ adding and choosing adapters
     def _plan(self, config: LieRAConfig) -> list[_Planned]:
         plan = []
-        cls = get_generator(config.generator)
-        for target in find_targets(self.base_model, config):
+        targets = find_targets(self.base_model, config)
+        unmatched = config.unmatched_patterns([(t.path, t.param_name) for t in targets])
+        for field_name, keys in unmatched.items():
+            warnings.warn(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
+                          f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), "
+                          f"as in PEFT.", UserWarning, stacklevel=4)
+        for target in targets:
             weight = target.owner._parameters[target.param_name]
             if _is_sharded(weight):
                 raise ValueError(f"{target.key} is already sharded (a DTensor: fully_shard or tensor parallelism ran "
@@ -130,9 +135,10 @@ class LieRAModel(nn.Module):
                                  f"their gradients reduced with the rest.")
             dtype = torch.float32 if config.adapter_dtype == "float32" and weight.is_floating_point() \
                 and weight.element_size() < 4 else weight.dtype
-            generator = cls(weight.detach(), r=config.rank_for(target.key), alpha=config.alpha_for(target.key),
-                            use_rslora=config.use_rslora, init_weights=config.init_weights, dtype=dtype,
-                            **config.generator_kwargs)
+            try:
+                generator = build_generator(config, target.path, target.param_name, weight.detach(), dtype)
+            except ValueError as exc:
+                raise ValueError(f"{target.key}: {exc}") from None
             plan.append(_Planned(target, generator))
         return plan
 

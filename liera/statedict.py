@@ -15,7 +15,7 @@ from typing import Union
 import torch
 
 from . import io
-from .generators import get_generator
+from .generators import build_generator
 from .weight import AdaptedWeight, AdapterSettings
 
 PathLike = Union[str, os.PathLike]
@@ -55,10 +55,8 @@ def _adapters_by_weight(adapter_dir: PathLike):
 
 
 def _generator(config, key: str, weight: torch.Tensor, state: dict):
-    cls = get_generator(config.generator)
-    gen = cls(weight, r=config.rank_for(key.rsplit(".", 1)[0]), alpha=config.alpha_for(key.rsplit(".", 1)[0]),
-              use_rslora=config.use_rslora, init_weights=config.init_weights,
-              dtype=next(iter(state.values())).dtype, **config.generator_kwargs)
+    path, _, param_name = key.rpartition(".")
+    gen = build_generator(config, path, param_name, weight, dtype=next(iter(state.values())).dtype)
     gen.load_state_dict(state)
     adapted = AdaptedWeight(key.rsplit(".", 1)[-1])
     adapted.add("adapter", gen, AdapterSettings(config.exp_map, config.update))
@@ -155,11 +153,11 @@ def inspect_adapter(adapter_dir: PathLike) -> str:
     rows = []
     for key in sorted(grouped):
         shape = shapes[key]
-        adapted = _generator(config, key, torch.zeros(shape), grouped[key])
+        adapted = _generator(config, key, torch.ones(shape), grouped[key])  # the weight only gives the shape
         gen = adapted["adapter"]
         with torch.no_grad():
             d = gen.delta().double()
-        n = sum(t.numel() for t in grouped[key].values())
+        n = sum(p.numel() for p in gen.parameters())  # trained tensors only (not a layer_scale buffer)
         total += n
         taylor_err = ((1 + d) - torch.exp(d)).abs() / torch.exp(d)  # |W(1+D) - W e^D| / |W e^D|, elementwise
         rows.append(f"| {key} | {tuple(shape)} | {n:,} | {d.abs().max().item():.3g} | {d.abs().mean().item():.3g} | "

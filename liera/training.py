@@ -2,8 +2,9 @@
 
 Every arm trains the same classifier head; the arms differ only in what else trains:
 linear-probe (nothing), lora (liera's generator with the additive update, i.e. LoRA), liera-taylor and
-liera-exact (the multiplicative update), full (every weight), and peft-lora (PEFT's own LoRA, as an
-outside reference, when peft is installed).
+liera-exact (the multiplicative update), liera-rms (Taylor with layer_scaling="rms": each layer's D scaled by
+1 / rms(W)), full (every weight), and peft-lora (PEFT's own LoRA, as an outside reference, when peft is
+installed).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .memory import TensorMemory
 from .model import get_liera_model
 from .targeting import find_targets
 
-METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "full", "peft-lora")
+METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full", "peft-lora")
 
 
 @dataclass
@@ -74,7 +75,8 @@ def prepare_arm(method: str, model: nn.Module, *, head: str, r: int, alpha: floa
         return _peft_lora(model, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
     cfg = LieRAConfig(r=r, alpha=alpha, target_modules=target_modules, modules_to_save=[head], generator=generator,
                       dropout=dropout, exp_map="exact" if method == "liera-exact" else "taylor",
-                      update="additive" if method == "lora" else "multiplicative")
+                      update="additive" if method == "lora" else "multiplicative",
+                      layer_scaling="rms" if method == "liera-rms" else "none")
     import warnings
 
     with warnings.catch_warnings():

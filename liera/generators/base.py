@@ -8,14 +8,31 @@ needs no backward of its own.
 
 Optional hooks: ``delta_rows(index)`` (only the rows an embedding lookup touches) and
 ``transform(w_eff, weight)`` for decompositions that act after the group map (DoRA's magnitude).
+
+``scaling`` (alpha / r) is what every generator multiplies its product by. With
+``layer_scaling="rms"`` it also carries 1 / rms(W) of the weight the generator was built for, kept as a
+buffer (``layer_scale``) so that it is saved with the adapter and a reloaded adapter acts identically
+(docs/concepts.md, "Conditioning the step across layers").
 """
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import Tensor, nn
+
+
+LAYER_SCALINGS = ("none", "rms")
+
+
+def rms_scale(weight: Tensor) -> float:
+    """1 / rms(W): the factor that gives every layer the same typical relative step under LieRA."""
+    rms = float(weight.detach().double().pow(2).mean().sqrt())
+    if not math.isfinite(rms) or rms == 0.0:
+        raise ValueError(f"layer_scaling='rms' needs a weight with a finite, non-zero rms; this one ({tuple(weight.shape)}) "
+                         f"has rms {rms}. Leave the layer out (exclude_modules) or use layer_scaling='none'.")
+    return 1.0 / rms
 
 
 class Generator(nn.Module):
@@ -24,16 +41,28 @@ class Generator(nn.Module):
     name: ClassVar[str] = ""
 
     def __init__(self, weight: Tensor, *, r: int, alpha: float, use_rslora: bool = False,
-                 init_weights: bool | str = True, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+                 init_weights: bool | str = True, dtype: torch.dtype | None = None, layer_scaling: str = "none",
+                 **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(f"generator {self.name!r} got unknown generator_kwargs {sorted(kwargs)}")
+        if layer_scaling not in LAYER_SCALINGS:
+            raise ValueError(f"unknown layer_scaling {layer_scaling!r}; use one of {list(LAYER_SCALINGS)}.")
         self.shape = tuple(weight.shape)
         self.r = int(r)
         self.alpha = float(alpha)
-        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        self.base_scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        if layer_scaling == "rms":  # a buffer: saved with the adapter, restored on load
+            self.register_buffer("layer_scale", torch.tensor(rms_scale(weight), dtype=torch.float32,
+                                                             device=weight.device))
         self.init_weights = init_weights
         self.param_dtype = dtype or torch.float32
+
+    @property
+    def scaling(self) -> Union[float, Tensor]:
+        """alpha / r, times 1 / rms(W) with layer_scaling="rms" (then a 0-dim tensor, so no host sync)."""
+        scale = getattr(self, "layer_scale", None)
+        return self.base_scaling if scale is None else self.base_scaling * scale
 
     @property
     def out_dim(self) -> int:
@@ -75,4 +104,4 @@ class Generator(nn.Module):
         return self.delta() if rows is None else self.delta_rows(rows)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, r={self.r}, scaling={self.scaling:g}"
+        return f"shape={self.shape}, r={self.r}, scaling={float(self.scaling):g}"

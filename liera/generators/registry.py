@@ -1,7 +1,10 @@
 """Name -> generator class. Register your own with ``@liera.register_generator``."""
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, Optional, TypeVar
+
+import torch
+from torch import Tensor
 
 from .base import Generator
 
@@ -25,3 +28,14 @@ def get_generator(name: str) -> type[Generator]:
     except KeyError:
         raise ValueError(f"unknown generator {name!r}; known generators: {sorted(GENERATORS)}. "
                          f"Register a new one with @liera.register_generator.") from None
+
+
+def build_generator(config: Any, path: str, param_name: str, weight: Tensor,
+                    dtype: Optional[torch.dtype] = None) -> Generator:
+    """The one place where a LieRAConfig becomes the generator of one weight (``path`` is the owning module's
+    path, ``param_name`` the tensor's name on it): the model, the model-free merge and ``liera inspect`` all
+    build through here, so per-layer ranks, alphas and scalings agree everywhere."""
+    cls = get_generator(config.generator)
+    return cls(weight, r=config.rank_for(path, param_name), alpha=config.alpha_for(path, param_name),
+               use_rslora=config.use_rslora, init_weights=config.init_weights, dtype=dtype,
+               layer_scaling=config.layer_scaling, **config.generator_kwargs)

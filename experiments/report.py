@@ -1,0 +1,170 @@
+"""Tables for docs/results.md from the test-stage records: accuracy (mean ± sd over seeds) per task, target set,
+method and rank, and the paired difference LieRA − LoRA on the same (task, seed, rank) with a 95% t interval
+over those pairs. Also how the learned update is spread over layers (relative update norm per layer kind,
+share of the update on the largest 10% of weights).
+
+    python experiments/report.py --runs runs/vision --tasks fashion,digits,textures --out runs/report.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+LORA = "lora"
+LIERA = ("liera-taylor", "liera-exact", "liera-rms")
+ORDER = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full")
+LABEL = {"lora": "LoRA (additive)", "liera-taylor": "LieRA-Taylor", "liera-exact": "LieRA-exact",
+         "liera-rms": "LieRA-Taylor + rms scaling", "linear-probe": "linear probe", "full": "full fine-tuning"}
+TARGET_LABEL = {"dw": "stem + depthwise (paper-faithful)", "all": "all convolutions"}
+
+
+def load(runs: Path, tasks: list[str], targets: list[str]) -> list[dict]:
+    rows = []
+    for task in tasks:
+        for tgt in targets:
+            path = runs / (f"{task}-test.jsonl" if tgt == "all" else f"{task}-{tgt}-test.jsonl")
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    rec["task"], rec["targets"] = task, tgt
+                    rows.append(rec)
+    return rows
+
+
+def t95(n: int) -> float:
+    """Two-sided 95% quantile of Student's t with n - 1 degrees of freedom."""
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, n - 1))
+    except ImportError:  # normal approximation
+        return 1.96
+
+
+def interval(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return f"{100 * diffs[0]:+.2f} (n = 1)" if diffs else "-"
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    h = t95(len(diffs)) * sd / math.sqrt(len(diffs))
+    return f"{100 * m:+.2f} [{100 * (m - h):+.2f}, {100 * (m + h):+.2f}] (n = {len(diffs)})"
+
+
+def accuracy_tables(rows: list[dict], tasks: list[str], targets: list[str]) -> list[str]:
+    out = []
+    ranks = sorted({r["r"] for r in rows if r["method"] not in ("linear-probe", "full")})
+    for tgt in targets:
+        for task in tasks:
+            sub = [r for r in rows if r["task"] == task and r["targets"] == tgt]
+            if not sub:
+                continue
+            out += [f"**{task}, {TARGET_LABEL[tgt]}** (test accuracy, mean ± sd over seeds):", "",
+                    "| method | lr | trainable params (r = " + ", ".join(map(str, ranks)) + ") | "
+                    + " | ".join(f"r = {k}" for k in ranks) + " |",
+                    "| --- | ---: | ---: | " + " | ".join("---:" for _ in ranks) + " |"]
+            for method in ORDER:
+                mine = [r for r in sub if r["method"] == method]
+                if not mine:
+                    continue
+                cells, params = [], []
+                for k in ranks:
+                    accs = [r["test_accuracy"] for r in mine if r["r"] == k or method in ("linear-probe", "full")]
+                    if method in ("linear-probe", "full") and k != ranks[0]:
+                        cells.append("")
+                        continue
+                    params += [f"{r['trainable_params']:,}" for r in mine if r["r"] == k][:1]
+                    cells.append(f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.4f}"
+                                 f" ({len(accs)})" if accs else "-")
+                lrs = sorted({r["lr"] for r in mine})
+                out.append(f"| {LABEL[method]} | {'/'.join(f'{v:g}' for v in lrs)} | {' / '.join(params)} | "
+                           + " | ".join(cells) + " |")
+            out.append("")
+    return out
+
+
+def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list[str], dict]:
+    index = {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
+    ranks = sorted({r["r"] for r in rows if r["method"] in LIERA + (LORA,)})
+    summary: dict = {}
+    out = ["| target set | LieRA variant | " + " | ".join(f"r = {k}" for k in ranks) + " | all ranks |",
+           "| --- | --- | " + " | ".join("---" for _ in ranks) + " | --- |"]
+    for tgt in targets:
+        for method in LIERA:
+            cells, every = [], []
+            for k in ranks:
+                diffs = [index[(t, tgt, method, k, s)] - index[(t, tgt, LORA, k, s)]
+                         for (t, g, m, kk, s) in index if g == tgt and m == method and kk == k and t in tasks
+                         and (t, tgt, LORA, k, s) in index]
+                every += diffs
+                cells.append(interval(diffs))
+            if every:
+                summary[(tgt, method)] = every
+                out.append(f"| {TARGET_LABEL[tgt]} | {LABEL[method]} | " + " | ".join(cells) + f" | {interval(every)} |")
+    per_task = ["", "Per task (all ranks pooled; points, 95% t interval over rank x seed pairs):", "",
+                "| target set | LieRA variant | " + " | ".join(tasks) + " |", "| --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for tgt in targets:
+        for method in LIERA:
+            cells = []
+            for task in tasks:
+                diffs = [index[(t, g, m, k, s)] - index[(t, g, LORA, k, s)] for (t, g, m, k, s) in index
+                         if t == task and g == tgt and m == method and (t, g, LORA, k, s) in index]
+                cells.append(interval(diffs))
+            if any(c != "-" for c in cells):
+                per_task.append(f"| {TARGET_LABEL[tgt]} | {LABEL[method]} | " + " | ".join(cells) + " |")
+    return out + per_task, summary
+
+
+def layer_kind(name: str) -> str:
+    if "_depthwise_conv" in name:
+        return "depthwise"
+    if "_conv_stem" in name:
+        return "stem"
+    return "pointwise"
+
+
+def update_spread(rows: list[dict], targets: list[str]) -> list[str]:
+    out = ["| target set | method | layer kind | mean rms(W) | relative update ‖ΔW‖/‖W‖ (median over layers) | "
+           "share of ‖ΔW‖² on the largest 10% of |W| |", "| --- | --- | --- | ---: | ---: | ---: |"]
+    for tgt in targets:
+        for method in (LORA,) + LIERA:
+            stats = [s for r in rows if r["targets"] == tgt and r["method"] == method and r.get("update_stats")
+                     for s in r["update_stats"]]
+            for kind in ("stem", "depthwise", "pointwise"):
+                mine = [s for s in stats if layer_kind(s["layer"]) == kind]
+                if mine:
+                    out.append(f"| {tgt} | {LABEL[method]} | {kind} | {statistics.mean(s['rms_w'] for s in mine):.3f} | "
+                               f"{statistics.median(s['rel_update'] for s in mine):.4f} | "
+                               f"{statistics.mean(s['top10_share'] for s in mine):.2f} |")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/vision")
+    p.add_argument("--tasks", default="fashion,digits,textures")
+    p.add_argument("--targets", default="dw,all")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    tasks, targets = args.tasks.split(","), args.targets.split(",")
+    rows = load(Path(args.runs), tasks, targets)
+    if not rows:
+        print(f"no test records under {args.runs}", file=sys.stderr)
+        return 1
+    pair_lines, _ = paired(rows, tasks, targets)
+    text = "\n".join(accuracy_tables(rows, tasks, targets)
+                     + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
+                     + pair_lines + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
+                     + update_spread(rows, targets)) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""layer_scaling="rms": D scaled by 1 / rms(W) per layer. Identity at init, an independent reference, gradcheck
+for every layer kind and both maps, scale invariance of the step, save/load, merge, the model-free tools and
+PEFT export."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import liera
+from liera import cli
+from zoo import cases, get_weight, perturb
+
+CASES = cases()
+MAPS = ["taylor", "exact"]
+
+
+def wrap(case, exp_map):
+    torch.manual_seed(0)
+    model = case.make()
+    return model, liera.LieRAConfig(r=2, alpha=3.0, exp_map=exp_map, layer_scaling="rms", **case.targets)
+
+
+def reference_weight(weight, generator, exp_map):
+    """Written from the definition: D = (alpha / r) / sqrt(mean(W^2)) * B @ A."""
+    w = weight.detach().double()
+    s = generator.alpha / generator.r / w.pow(2).mean().sqrt()
+    d = (s * generator.lora_B.double() @ generator.lora_A.double()).reshape(w.shape)
+    return (w * torch.exp(d) if exp_map == "exact" else w + w * d).to(weight.dtype)
+
+
+@pytest.mark.parametrize("exp_map", MAPS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_identity_at_init_and_reference_formula(case, exp_map):
+    model, cfg = wrap(case, exp_map)
+    base = copy.deepcopy(model)
+    x = case.make_input()
+    y0 = model(x).detach()
+    lm = liera.get_liera_model(model, cfg)
+    torch.testing.assert_close(lm(x), y0, rtol=0, atol=0)
+    perturb(lm)
+    gen = next(a for _, _, a in lm.adapted_weights())["default"]
+    w_ref = reference_weight(get_weight(model, case), gen, exp_map)
+    owner, pname = case.weight_path
+    y_ref = functional_call(base, {f"{owner}.{pname}": w_ref}, (x,))
+    torch.testing.assert_close(lm(x), y_ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y_ref, y0, atol=1e-4)
+
+
+@pytest.mark.parametrize("exp_map", MAPS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradcheck_float64(case, exp_map):
+    model, cfg = wrap(case, exp_map)
+    lm = liera.get_liera_model(model.double(), cfg)
+    perturb(lm, std=0.02)  # D carries 1 / rms(W) (50 for GPT-2's 0.02-std weights): keep exp(D) moderate
+    names = [n for n, p in lm.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_(True) for n, p in lm.named_parameters() if p.requires_grad]
+    x = case.make_input()
+    inputs = list(params)
+    if x.is_floating_point():
+        x = x.double().requires_grad_(True)
+        inputs.append(x)
+
+    def f(*tensors):
+        xx = tensors[-1] if x.is_floating_point() else x
+        return functional_call(lm, dict(zip(names, tensors[:len(names)])), (xx,))
+
+    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scaling", ["none", "rms"])
+def test_rms_scaling_makes_the_update_independent_of_the_weight_scale(scaling):
+    """W_eff - W for k * W: k times that for W under the plain map, the same under rms scaling (as for LoRA)."""
+    torch.manual_seed(0)
+    deltas = []
+    for k in (1.0, 10.0):
+        layer = nn.Linear(6, 5)
+        torch.manual_seed(0)
+        layer = nn.Linear(6, 5)
+        with torch.no_grad():
+            layer.weight.mul_(k)
+        lm = liera.get_liera_model(nn.Sequential(layer), liera.LieRAConfig(r=2, target_modules=["0"], layer_scaling=scaling))
+        perturb(lm)
+        _, owner, adapted = next(lm.adapted_weights())
+        w = adapted.owner_weight(owner)
+        deltas.append((adapted.effective(w) - w).detach())
+    expected = deltas[0] if scaling == "rms" else 10.0 * deltas[0]
+    torch.testing.assert_close(deltas[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(0.05)  # layers of very different weight scale
+    return model
+
+
+def test_save_load_merge_keep_the_scale_made_at_creation(tmp_path):
+    cfg = liera.LieRAConfig(r=2, target_modules=["0", "2"], layer_scaling="rms", rank_pattern={"2": 3})
+    lm = liera.get_liera_model(mlp(), cfg)
+    perturb(lm)
+    x = torch.randn(2, 3, 6, 6)
+    lm.eval()
+    expected = lm(x).detach()
+    lm.save_pretrained(tmp_path / "ad")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert {k for k in saved if k.endswith("layer_scale")} == {"0.weight.layer_scale", "2.weight.layer_scale"}
+    assert float(saved["2.weight.layer_scale"]) == pytest.approx(1 / mlp()[2].weight.pow(2).mean().sqrt().item(), rel=1e-6)
+    again = liera.LieRAModel.from_pretrained(mlp(), tmp_path / "ad")
+    torch.testing.assert_close(again(x), expected, rtol=1e-6, atol=1e-6)
+    # merged base, then load: the saved scale is used, not one recomputed from the changed weight
+    merged = copy.deepcopy(again).merge_and_unload()
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-6)
+    on_merged = liera.LieRAModel.from_pretrained(copy.deepcopy(merged), tmp_path / "ad")
+    gen = on_merged.base_model[2].liera_weight["default"]
+    assert float(gen.layer_scale) == float(saved["2.weight.layer_scale"])
+    # merge and unmerge through the group inverse
+    w0 = again.base_model[2].weight.detach().clone()
+    again.merge_adapter()
+    with again.disable_adapter():
+        torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-6)
+    again.unmerge_adapter()
+    torch.testing.assert_close(again.base_model[2].weight, w0, rtol=1e-5, atol=1e-7)
+    # the model-free merge and inspect read the same scale
+    from safetensors.torch import save_file
+
+    save_file(mlp().state_dict(), str(tmp_path / "base.safetensors"))
+    assert cli.main(["merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "ad"),
+                     "--out", str(tmp_path / "merged.safetensors"), "--no-progress"]) == 0
+    file_merged = load_file(str(tmp_path / "merged.safetensors"))
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(file_merged[k], v, rtol=1e-6, atol=1e-7)
+    from liera.statedict import inspect_adapter
+
+    report = inspect_adapter(tmp_path / "ad")
+    assert "layer_scaling='rms'" in report and "| 2.weight | (4, 1, 3, 3) | 39 |" in report
+
+
+def test_peft_export_folds_the_scale(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))  # noqa: E731
+    torch.manual_seed(0)
+    base = make()
+    lm = liera.get_liera_model(copy.deepcopy(base), liera.LieRAConfig(r=2, target_modules=["0", "2"],
+                                                                      layer_scaling="rms", rank_pattern={"2": 3}))
+    perturb(lm)
+    lm.eval()
+    x = torch.randn(4, 5)
+    expected = lm(x).detach()
+    liera.export_peft(lm, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(liera.import_peft(copy.deepcopy(base), tmp_path)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_values_are_refused_without_changing_the_model():
+    with pytest.raises(ValueError, match="layer_scaling must be one of"):
+        liera.LieRAConfig(target_modules=["0"], layer_scaling="l2")
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"^1\.weight: layer_scaling='rms' needs a weight with a finite, non-zero rms"):
+        liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0", "1"], layer_scaling="rms"))
+    assert not any("liera" in n for n, _ in model.named_modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    cfg = liera.LieRAConfig(target_modules=["0"], layer_scaling="rms")
+    assert liera.LieRAConfig.from_json(cfg.to_json()).layer_scaling == "rms"
