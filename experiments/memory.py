@@ -1,4 +1,4 @@
-"""Training-step memory of each arm, counted exactly (liera.memory.TensorMemory), for the Taylor-vs-exact ablation.
+"""Training-step memory of each arm, counted exactly (liera.apps.memory.TensorMemory), for the Taylor-vs-exact ablation.
 
 Memory does not depend on the seed or the data, only on the model, the method, the rank and the batch, so one
 measured run per arm is the number: parameters and buffers, gradients, optimizer state, activations kept for
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from liera.memory import TensorMemory
-from liera.training import fit, prepare_arm, trainable_count
+from liera.apps.memory import TensorMemory
+from liera.apps.training import fit, prepare_arm, trainable_count
 
 from common import RANK_FREE
 
@@ -28,7 +28,7 @@ STEPS = 3
 
 
 def vision_setup(resolution: int):
-    from liera.demo import HEAD, load_efficientnet_lite0
+    from liera.apps.demo import HEAD, load_efficientnet_lite0
 
     x = torch.randn(STEPS * 32, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     return "EfficientNet-Lite0 (all convs)", load_efficientnet_lite0(10), HEAD, "all-conv", x, None

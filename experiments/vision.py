@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from liera.data import digits_1k, fashion_mnist_1k, textures_1k, to_model_input
-from liera.demo import HEAD, load_efficientnet_lite0
-from liera.training import run_arm
+from liera.apps.data import digits_1k, fashion_mnist_1k, textures_1k, to_model_input
+from liera.apps.demo import HEAD, load_efficientnet_lite0
+from liera.apps.training import run_arm
 
 from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read
 

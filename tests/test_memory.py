@@ -1,8 +1,8 @@
-"""liera.memory.TensorMemory counts tensor bytes exactly: checked against sizes known in closed form."""
+"""liera.apps.memory.TensorMemory counts tensor bytes exactly: checked against sizes known in closed form."""
 import torch
 from torch import nn
 
-from liera.memory import TensorMemory
+from liera.apps.memory import TensorMemory
 
 MB = 2 ** 20
 

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import liera
-from liera import cli
-from liera.statedict import inspect_adapter
+from liera.apps import cli
+from liera.integrations.statedict import inspect_adapter
 from zoo import perturb
 
 

@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import liera
-from liera import cli
+from liera.apps import cli
 from zoo import perturb
 
 

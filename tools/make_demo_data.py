@@ -1,4 +1,4 @@
-"""Build liera/data/fashion_mnist_vtab1k.npz from Debian's dataset-fashion-mnist (run once; the result is
+"""Build liera/apps/data/fashion_mnist_vtab1k.npz from Debian's dataset-fashion-mnist (run once; the result is
 committed). 1,000 training images (100 per class) from the training split and 2,000 test images (200 per
 class) from the test split, chosen with a fixed seed."""
 import gzip

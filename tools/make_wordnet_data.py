@@ -1,5 +1,5 @@
-"""Build liera/data/wordnet_lex_1k.jsonl.gz from Debian's wordnet-base (WordNet 3.0; run once, the result is
-committed together with liera/data/LICENSE-wordnet.txt).
+"""Build liera/apps/data/wordnet_lex_1k.jsonl.gz from Debian's wordnet-base (WordNet 3.0; run once, the result is
+committed together with liera/apps/data/LICENSE-wordnet.txt).
 
 Task: given a WordNet gloss (the definition of a synset), predict the synset's lexicographer file
 ("supersense"), e.g. noun.artifact, noun.person, verb.motion, adj.all. WordNet has 45 lexicographer files
@@ -14,7 +14,7 @@ quoted usage examples, which often contain the headword and a second sentence). 
 than once in WordNet (with the same or different labels) are dropped so that no text is shared between
 train and test and no text carries two labels.
 
-    python tools/make_wordnet_data.py            # writes liera/data/wordnet_lex_1k.jsonl.gz
+    python tools/make_wordnet_data.py            # writes liera/apps/data/wordnet_lex_1k.jsonl.gz
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         lines = [l[1:] if l.startswith(" ") else l for l in body.strip("\n").splitlines()]
         lines = ["" if l == "." else l for l in lines]
         LICENSE_OUT.write_text(
-            "liera/data/wordnet_lex_1k.jsonl.gz holds glosses (definitions) and lexicographer file names from\n"
+            "liera/apps/data/wordnet_lex_1k.jsonl.gz holds glosses (definitions) and lexicographer file names from\n"
             "WordNet 3.0 (Princeton University), as packaged by Debian (wordnet-base), under the license below.\n"
             "George A. Miller (1995). WordNet: A Lexical Database for English. Communications of the ACM 38(11): 39-41.\n"
             "Princeton University \"About WordNet.\" WordNet. Princeton University. 2010.\n\n"

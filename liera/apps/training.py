@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LieRAConfig
+from ..config import LieRAConfig
+from ..progress import progress
 from .memory import TensorMemory
-from .model import get_liera_model
-from .targeting import find_targets
+from ..model import get_liera_model
+from ..targeting import find_targets
 
 METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full", "peft-lora")
 
@@ -33,7 +34,7 @@ class ArmResult:
     trainable_params: int
     test_accuracy: float
     train_time_s: float
-    peak_memory_mb: float  # tensor memory at the peak of the first training steps (liera.memory)
+    peak_memory_mb: float  # tensor memory at the peak of the first training steps (liera.apps.memory)
     lr: float
     epochs: int
     losses: list[float] = field(default_factory=list)
@@ -42,17 +43,6 @@ class ArmResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
-    """tqdm when installed (and wanted), else the plain iterable."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def prepare_arm(method: str, model: nn.Module, *, head: str, r: int, alpha: float,

@@ -15,16 +15,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import io
-from .config import LieRAConfig
-from .model import MODULES_TO_SAVE, LieRAModel
+from .. import io
+from ..config import LieRAConfig
+from ..model import MODULES_TO_SAVE, LieRAModel
 
 PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
 
 
 def _kind(owner: nn.Module) -> str:
-    from .layers import kind_of
+    from ..layers import kind_of
 
     kind = kind_of(owner)
     if kind is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .model import LieRAModel
+from ..model import LieRAModel
 
 
 def _unwrap(model):
@@ -55,7 +55,7 @@ if Trainer is not None:
             target = _unwrap(model or self.model)
             if isinstance(target, LieRAModel) and os.path.isfile(os.path.join(resume_from_checkpoint,
                                                                               "adapter_config.json")):
-                from . import io
+                from .. import io
 
                 _, tensors = io.read_adapter_files(resume_from_checkpoint)
                 target.set_adapter_state_dict(tensors)

@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, training
-from .config import TARGET_SHORTCUTS, LieRAConfig
+from .. import __version__
+from . import training
+from ..config import TARGET_SHORTCUTS, LieRAConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTask, TextTask, to_model_input
 from .demo import DEFAULT_LRS
 from .memory import TensorMemory
@@ -473,7 +474,7 @@ def parse_targets(spec) -> Union[str, list[str]]:
 
 def default_targets(model: nn.Module, head: str) -> str:
     """all-conv for a mostly convolutional model, else all-linear."""
-    from .layers import kind_of
+    from ..layers import kind_of
 
     counts = {"linear": 0, "conv": 0}
     for name, module in model.named_modules():
@@ -487,7 +488,7 @@ def default_targets(model: nn.Module, head: str) -> str:
 
 def resolve_targets(model: nn.Module, targets, head: str, r: int) -> list:
     """The weights the run adapts (the head excluded; it trains in full); checks the rank against each."""
-    from .targeting import find_targets
+    from ..targeting import find_targets
 
     cfg = LieRAConfig(r=r, target_modules=targets, exclude_modules=[head])
     found = find_targets(model, cfg)
@@ -521,7 +522,7 @@ def _prepare(method: str, model: nn.Module, *, head: str, r: int, alpha: float, 
         cfg = LieRAConfig(r=r, alpha=alpha, target_modules=targets, exclude_modules=[head], modules_to_save=[head],
                           generator=generator, exp_map="exact" if method == "liera-exact" else "taylor",
                           update="additive" if method == "lora" else "multiplicative")
-        from .model import get_liera_model
+        from ..model import get_liera_model
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*exactly zero.*")
@@ -564,7 +565,7 @@ def _distributed() -> tuple[int, int]:
 
 
 def _save_trained(model: nn.Module, method: str, out: Path) -> str:
-    from .io import atomic_write
+    from ..io import atomic_write
 
     if method in LIERA_METHODS or method == "peft-lora":
         target = out / "adapter"
@@ -582,7 +583,7 @@ def _save_trained(model: nn.Module, method: str, out: Path) -> str:
 
 
 def _write_results(out: Path, payload: dict) -> None:
-    from .io import atomic_write
+    from ..io import atomic_write
 
     text = json.dumps(payload, indent=2, default=str)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text))
@@ -626,7 +627,7 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
     for name in ("lr", "alpha"):
         if opts[name] is not None and not (math.isfinite(opts[name]) and opts[name] > 0):
             raise ValueError(f"--{name} must be a positive number, got {opts[name]}.")
-    from .generators import get_generator
+    from ..generators import get_generator
 
     get_generator(opts["generator"])  # unknown generator: ValueError listing the known ones
     out = Path(opts["out"])

@@ -14,9 +14,9 @@ from typing import Union
 
 import torch
 
-from . import io
-from .generators import build_generator
-from .weight import AdaptedWeight, AdapterSettings
+from .. import io
+from ..generators import build_generator
+from ..weight import AdaptedWeight, AdapterSettings
 
 PathLike = Union[str, os.PathLike]
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -102,7 +102,7 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
             raise ValueError(f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}.")
     by_base = {b: k for k, b in mapping.items()}
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    from .training import progress as bar
+    from ..progress import progress as bar
 
     stats = {"merged": 0, "replaced": 0, "copied": 0}
 

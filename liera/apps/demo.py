@@ -146,7 +146,7 @@ def markdown_table(results: Sequence[ArmResult]) -> str:
 
 
 def write_results(out: Path, results: Sequence[ArmResult], info: dict) -> None:
-    from .io import atomic_write
+    from ..io import atomic_write
 
     payload = json.dumps({"meta": info, "results": [r.to_dict() for r in results]}, indent=2)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
@@ -165,7 +165,7 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
     except ImportError:
         warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)")
         return
-    from .io import atomic_write
+    from ..io import atomic_write
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:

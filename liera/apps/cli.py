@@ -27,7 +27,7 @@ def _demo(args) -> int:
 def _merge(args) -> int:
     import torch
 
-    from .statedict import merge_file
+    from ..integrations.statedict import merge_file
 
     stats = merge_file(args.base, args.adapter, args.out, dtype=torch.float64 if args.float64 else torch.float32,
                        progress=not args.no_progress)
@@ -37,7 +37,7 @@ def _merge(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .statedict import inspect_adapter
+    from ..integrations.statedict import inspect_adapter
 
     print(inspect_adapter(args.adapter))
     return 0

@@ -15,7 +15,7 @@ def wordnet_lex_1k() -> TextTask:
     """WordNet 3.0 supersense classification, VTAB-1k style: given a synset's definition, predict its
     lexicographer file (noun.artifact, noun.person, verb.contact, adj.all, ...). The 20 largest of the 45
     lexicographer files, class-balanced: 1,000 training definitions (50 per class) and 2,000 test
-    definitions (100 per class). WordNet 3.0 license: liera/data/LICENSE-wordnet.txt."""
+    definitions (100 per class). WordNet 3.0 license: liera/apps/data/LICENSE-wordnet.txt."""
     with gzip.open(WORDNET_FILE, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     names: dict[int, str] = {}
@@ -31,7 +31,7 @@ def wordnet_lex_1k() -> TextTask:
 
 def text_validation_split(task: TextTask, fraction: float = 0.2, seed: int = 0) -> TextTask:
     """A stratified validation split carved out of the training set (used as the test set of the result),
-    as liera.data.ImageTask.validation_split does for images."""
+    as liera.apps.data.ImageTask.validation_split does for images."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(task.train_y), bool)
     for c in np.unique(task.train_y):
