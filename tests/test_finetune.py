@@ -130,7 +130,7 @@ def test_npz_without_test_split_holds_out_20_percent_and_cli_prints_summary(tmp_
 @pytest.mark.parametrize("split", [False, True], ids=["root-class", "train-test"])
 def test_image_folder(tmp_path, monkeypatch, split):
     if split:  # also the batch-by-batch conversion used for image sets too large to hold converted
-        monkeypatch.setattr(finetune, "IMAGE_CACHE_BYTES", 0)
+        monkeypatch.setattr(finetune.run, "IMAGE_CACHE_BYTES", 0)  # where the run looks it up
     root = make_image_folder(tmp_path / "imgs", split=split)
     out = tmp_path / "out"
     assert cli.main(["finetune", "--data", str(root), "--model", TINY, "--out", str(out), *FAST]) == 0

@@ -1,0 +1,37 @@
+"""`liera finetune`: fine-tune a model on your own data with LieRA (or a baseline method).
+
+Data (``--data``):
+  * an image folder: ``root/<class>/<image>`` or ``root/train/<class>/<image>`` + ``root/test/<class>/<image>``
+    (without a test split, 20% of each class is held out);
+  * an ``.npz`` with ``train_x`` (N, H, W[, C]) uint8 (or float in [0, 1]), ``train_y`` (N,) and optionally
+    ``test_x``, ``test_y``;
+  * a ``.csv`` or ``.jsonl`` text table (``--text-column``, ``--label-column``; 20% held out for testing);
+  * a built-in data set: ``fashion-1k`` (1,000 Fashion-MNIST images) or ``digits-1k`` (scikit-learn's digits).
+
+Model (``--model``):
+  * a local transformers ``from_pretrained`` directory (AutoModelForSequenceClassification + AutoTokenizer for
+    text, AutoModelForImageClassification for images; a new head with the data's number of classes);
+  * a torch module factory ``package.module:function`` or ``path/to/file.py:function``, called as
+    ``function(num_classes=N)`` and returning an ``nn.Module`` that maps a float batch (B, 3, R, R),
+    ImageNet-normalised, to logits (B, N) (images only);
+  * a built-in: ``efficientnet-lite0`` (ImageNet CNN, images; the default for images) or ``minilm``
+    (all-MiniLM-L6-v2 BERT encoder, text; the default for text).
+
+Writes ``out/adapter`` (save_pretrained; PEFT's format for peft-lora), or for ``full`` and ``linear-probe``
+``out/trainable.safetensors`` (the trained tensors under the model's own parameter names), and
+``out/results.json``. Every option can come from ``--config file.yaml|file.json`` (same names, dashes or
+underscores); flags given on the command line win.
+
+Reloading: build the same base model (``factory(num_classes=N)``, ``AutoModelFor...from_pretrained(dir,
+num_labels=N)``, ...) and call ``LieRAModel.from_pretrained(base, "out/adapter")``; the adapter carries the
+trained head. Class ``i`` is ``results.json["classes"][i]``.
+"""
+from .options import (BUILTIN_DATA, BUILTIN_MODELS, DEFAULTS, HEAD_NAMES, IMAGE_CACHE_BYTES, IMAGE_LRS,  # noqa: F401
+                      IMAGE_SUFFIXES, LIERA_METHODS, TEXT_LRS, TEXT_SUFFIXES, add_parser, load_config)
+from .sources import load_data  # noqa: F401
+from .models import load_model  # noqa: F401
+from .targets import default_targets, find_head, parse_targets, resolve_targets  # noqa: F401
+from .run import FinetuneResult, run_finetune  # noqa: F401
+
+# The names above are re-exported for `from liera.apps import finetune`; the code looks them up in the modules
+# that import them, so a test that patches one (IMAGE_CACHE_BYTES, say) patches it there (finetune.run).
