@@ -39,7 +39,7 @@ HEAD = "classifier"
 TARGETS = r"encoder\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|" \
           r"intermediate\.dense|output\.dense)"
 GRID = {"linear-probe": [3e-3, 1e-2, 3e-2], "lora": [3e-4, 1e-3, 3e-3], "liera-taylor": [1e-3, 3e-3, 1e-2],
-        "liera-exact": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4], "peft-lora": [3e-4, 1e-3, 3e-3]}
+        "liera-exact": [1e-3, 3e-3, 1e-2], "liera-rms": [3e-4, 1e-3, 3e-3], "full": [3e-5, 1e-4, 3e-4], "peft-lora": [3e-4, 1e-3, 3e-3]}
 DEFAULT_METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "full")
 TASKS = {"wordnet": wordnet_lex_1k}
 

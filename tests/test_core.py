@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 import liera
-from zoo import Case, cases, get_weight, perturb
+from zoo import gradcheck_trainable, Case, cases, get_weight, perturb
 
 CASES = cases()
 MAPS = ["taylor", "exact"]
@@ -77,19 +77,7 @@ def test_gradcheck_float64(case, exp_map):
     model = model.double()
     lm = liera.get_liera_model(model, cfg)
     perturb(lm, std=0.2)
-    names = [n for n, p in lm.named_parameters() if p.requires_grad]
-    params = [p.detach().clone().requires_grad_(True) for n, p in lm.named_parameters() if p.requires_grad]
-    x = case.make_input()
-    inputs = list(params)
-    if x.is_floating_point():
-        x = x.double().requires_grad_(True)
-        inputs.append(x)
-
-    def f(*tensors):
-        xx = tensors[-1] if x.is_floating_point() else x
-        return functional_call(lm, dict(zip(names, tensors[:len(names)])), (xx,))
-
-    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert gradcheck_trainable(lm, case.make_input())
 
 
 @pytest.mark.parametrize("exp_map", MAPS)

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 import liera
 from liera.apps import cli
-from zoo import cases, get_weight, perturb
+from zoo import gradcheck_trainable, cases, get_weight, perturb
 
 CASES = cases()
 MAPS = ["taylor", "exact"]
@@ -54,19 +54,7 @@ def test_gradcheck_float64(case, exp_map):
     model, cfg = wrap(case, exp_map)
     lm = liera.get_liera_model(model.double(), cfg)
     perturb(lm, std=0.02)  # D carries 1 / rms(W) (50 for GPT-2's 0.02-std weights): keep exp(D) moderate
-    names = [n for n, p in lm.named_parameters() if p.requires_grad]
-    params = [p.detach().clone().requires_grad_(True) for n, p in lm.named_parameters() if p.requires_grad]
-    x = case.make_input()
-    inputs = list(params)
-    if x.is_floating_point():
-        x = x.double().requires_grad_(True)
-        inputs.append(x)
-
-    def f(*tensors):
-        xx = tensors[-1] if x.is_floating_point() else x
-        return functional_call(lm, dict(zip(names, tensors[:len(names)])), (xx,))
-
-    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert gradcheck_trainable(lm, case.make_input())
 
 
 @pytest.mark.parametrize("scaling", ["none", "rms"])

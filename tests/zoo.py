@@ -107,6 +107,24 @@ def get_weight(model: nn.Module, case: Case) -> nn.Parameter:
     return owner._parameters[case.weight_path[1]]
 
 
+def gradcheck_trainable(lm, x) -> bool:
+    """torch.autograd.gradcheck of lm(x) w.r.t. every trainable tensor (and x when it is floating), float64."""
+    from torch.func import functional_call
+
+    names = [n for n, p in lm.named_parameters() if p.requires_grad]
+    params = [p.detach().clone().requires_grad_(True) for n, p in lm.named_parameters() if p.requires_grad]
+    inputs = list(params)
+    if x.is_floating_point():
+        x = x.double().requires_grad_(True)
+        inputs.append(x)
+
+    def f(*tensors):
+        xx = tensors[-1] if x.is_floating_point() else x
+        return functional_call(lm, dict(zip(names, tensors[:len(names)])), (xx,))
+
+    return torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 def perturb(liera_model, std: float = 0.3, seed: int = 1) -> None:
     """Move every adapter away from the identity so that tests cannot pass vacuously."""
     g = torch.Generator().manual_seed(seed)
