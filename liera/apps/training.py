@@ -9,7 +9,6 @@ installed).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,25 +74,14 @@ def prepare_arm(method: str, model: nn.Module, *, head: str, r: int, alpha: floa
 
 
 def _peft_lora(model, *, head, r, alpha, target_modules, dropout):
+    """PEFT's LoRA on the layers liera's LoRA arm adapts (liera.apps.peft_lora, imported only here)."""
     try:
-        import peft
+        import peft  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("peft is not installed (pip install peft)") from exc
-    names = [t.path for t in find_targets(model, LieRAConfig(r=r, target_modules=target_modules))]
-    note = ""
-    try:
-        wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, modules_to_save=[head]))
-    except Exception as exc:  # PEFT refuses grouped convs unless r % groups == 0
-        grouped = {n for n in names if getattr(model.get_submodule(n), "groups", 1) > 1}
-        if not grouped:
-            raise
-        names = [n for n in names if n not in grouped]
-        note = (f"PEFT LoRA refused the grouped/depthwise convs ({type(exc).__name__}: {str(exc)[:80]}); "
-                f"it adapts the other {len(names)} layers only")
-        wrapped = peft.get_peft_model(model, peft.LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, modules_to_save=[head]))
-    return wrapped, note
+    from .peft_lora import peft_lora_model
+
+    return peft_lora_model(model, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
 
 
 def trainable_count(model: nn.Module) -> int:
