@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from liera.apps.data import digits_1k, fashion_mnist_1k, textures_1k, to_model_input
-from liera.apps.demo import HEAD, load_efficientnet_lite0
+from liera.apps.demo import HEAD, TARGET_SETS as TARGETS, load_efficientnet_lite0
 from liera.apps.training import run_arm
 
 from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read
@@ -34,7 +34,6 @@ GRID = {"linear-probe": [3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2],
         "liera-taylor": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "liera-exact": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
         "liera-rms": [1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3, 3e-3]}
 TASKS = {"fashion": lambda: fashion_mnist_1k(2000), "digits": digits_1k, "textures": textures_1k}
-TARGETS = {"all": "all-conv", "dw": r"_conv_stem|_blocks\.\d+\._depthwise_conv"}
 
 
 def tensors(task, resolution, limit=None, channels_last=False):

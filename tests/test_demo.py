@@ -62,3 +62,18 @@ def test_ctrl_c_keeps_finished_arms(tmp_path, monkeypatch, capsys):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["interrupted"] is True and [r["method"] for r in data["results"]] == ["linear-probe"]
     assert "1 finished arm(s) kept" in capsys.readouterr().out
+
+
+def test_quick_demo_runs_the_paper_faithful_target_set(tmp_path):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--no-progress", "--methods", "lora,lora@dw,liera-rms@dw", "--out", str(out)]) == 0
+    by = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert list(by) == ["lora", "lora@dw", "liera-rms@dw"]
+    # stem + 16 depthwise convs only: fewer adapter parameters than all 49 convs, the same for both maps
+    assert by["lora@dw"]["trainable_params"] == by["liera-rms@dw"]["trainable_params"] < by["lora"]["trainable_params"]
+    assert by["lora@dw"]["lr"] == demo.DEFAULT_LRS["lora@dw"]
+
+
+def test_unknown_target_set_is_refused(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--methods", "lora@pointwise", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) ['lora@pointwise']" in capsys.readouterr().err

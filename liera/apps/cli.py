@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="compare LieRA, LoRA, linear probe and full fine-tuning on a real CNN")
     demo.add_argument("--out", default="liera-demo", help="output directory (results.json, results.md, results.png)")
-    demo.add_argument("--methods", help="comma-separated subset of: linear-probe,lora,liera-taylor,liera-exact,full,peft-lora")
+    demo.add_argument("--methods", help="comma-separated arms: linear-probe, lora, liera-taylor, liera-exact, liera-rms, "
+                                        "full, peft-lora, each optionally with @dw (adapt the stem and depthwise "
+                                        "convs only, the paper's ConvNeXt-V2 analogue); default: "
+                                        "linear-probe,lora,liera-taylor,liera-rms,full,peft-lora,lora@dw,"
+                                        "liera-taylor@dw,liera-rms@dw")
     demo.add_argument("--r", type=int, default=8)
     demo.add_argument("--alpha", type=float, default=None, help="default: r")
     demo.add_argument("--epochs", type=int, default=5)
