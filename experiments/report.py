@@ -119,6 +119,31 @@ def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list
     return out + per_task, summary
 
 
+def selection_tables(runs: Path, tasks: list[str], targets: list[str]) -> list[str]:
+    """Validation accuracy (mean ± sd over seeds) at every rate tried, the chosen rate in bold."""
+    out = ["| target set | task | method | r | validation accuracy by rate (chosen in bold) |", "| --- | --- | --- | ---: | --- |"]
+    for tgt in targets:
+        for task in tasks:
+            path = runs / (f"{task}-select.jsonl" if tgt == "all" else f"{task}-{tgt}-select.jsonl")
+            chosen_path = runs / (f"{task}-chosen.json" if tgt == "all" else f"{task}-{tgt}-chosen.json")
+            if not path.exists():
+                continue
+            chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
+            groups: dict = {}
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    groups.setdefault((rec["method"], rec["r"]), {}).setdefault(rec["lr"], []).append(rec["test_accuracy"])
+            for (method, r), by_lr in sorted(groups.items(), key=lambda kv: ORDER.index(kv[0][0])):
+                cells = []
+                for lr, accs in sorted(by_lr.items()):
+                    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                    cell = f"{lr:g}: {statistics.mean(accs):.3f} ± {sd:.3f}"
+                    cells.append(f"**{cell}**" if chosen.get(method) == lr else cell)
+                out.append(f"| {tgt} | {task} | {LABEL[method]} | {r} | {' · '.join(cells)} |")
+    return out
+
+
 def layer_kind(name: str) -> str:
     if "_depthwise_conv" in name:
         return "depthwise"
@@ -156,7 +181,9 @@ def main(argv=None) -> int:
         print(f"no test records under {args.runs}", file=sys.stderr)
         return 1
     pair_lines, _ = paired(rows, tasks, targets)
-    text = "\n".join(accuracy_tables(rows, tasks, targets)
+    text = "\n".join(["Learning-rate selection (validation split, seeds 0 and 1):", ""]
+                     + selection_tables(Path(args.runs), tasks, targets) + [""]
+                     + accuracy_tables(rows, tasks, targets)
                      + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
                      + pair_lines + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
                      + update_spread(rows, targets)) + "\n"

@@ -117,6 +117,18 @@ def test_npz_run_writes_adapter_and_results_and_reloads_identically(tmp_path):
         assert not torch.equal(finetune_models.tiny_cnn(num_classes=2)(x), run.model(x))  # it did train
 
 
+def test_liera_rms_writes_an_adapter_with_the_layer_scale(tmp_path):
+    data = make_npz(tmp_path / "toy.npz")
+    out = tmp_path / "out"
+    assert cli.main(["finetune", "--data", str(data), "--model", TINY, "--out", str(out), "--method", "liera-rms",
+                     *FAST]) == 0
+    assert results_of(out)["method"] == "liera-rms"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["layer_scaling"] == "rms" and config["exp_map"] == "taylor" and config["update"] == "multiplicative"
+    loaded = LieRAModel.from_pretrained(finetune_models.tiny_cnn(num_classes=2), out / "adapter")
+    assert all(float(a["default"].layer_scale) > 0 for _, _, a in loaded.adapted_weights())
+
+
 def test_npz_without_test_split_holds_out_20_percent_and_cli_prints_summary(tmp_path, capsys):
     data = make_npz(tmp_path / "toy.npz", n_train=20, with_test=False)
     out = tmp_path / "out"

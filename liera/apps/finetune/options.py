@@ -12,15 +12,16 @@ from ..demo import DEFAULT_LRS
 BUILTIN_DATA = ("fashion-1k", "digits-1k")
 BUILTIN_MODELS = {"efficientnet-lite0": "image", "minilm": "text"}
 HEAD_NAMES = ("classifier", "_fc", "fc", "head", "score")
-LIERA_METHODS = ("lora", "liera-taylor", "liera-exact")
+LIERA_METHODS = ("lora", "liera-taylor", "liera-exact", "liera-rms")
 IMAGE_SUFFIXES = (".npz",)
 IMAGE_CACHE_BYTES = 512 * 2 ** 20  # larger image sets are converted batch by batch
 TEXT_SUFFIXES = (".csv", ".jsonl", ".json")
 # Starting points, not tuned for your data: images use the demo's learning rates (chosen on a validation split
-# of Fashion-MNIST-1k with EfficientNet-Lite0); text uses common transformer values.
+# of Fashion-MNIST-1k with EfficientNet-Lite0); text uses common transformer values (liera-rms takes LoRA's:
+# its scaling gives each layer LoRA's step size).
 IMAGE_LRS = DEFAULT_LRS
-TEXT_LRS = {"linear-probe": 1e-2, "lora": 1e-3, "liera-taylor": 3e-3, "liera-exact": 3e-3, "full": 5e-5,
-            "peft-lora": 1e-3}
+TEXT_LRS = {"linear-probe": 1e-2, "lora": 1e-3, "liera-taylor": 3e-3, "liera-exact": 3e-3, "liera-rms": 1e-3,
+            "full": 5e-5, "peft-lora": 1e-3}
 
 DEFAULTS: dict[str, Any] = {
     "data": None, "model": None, "out": "liera-finetune", "method": "liera-taylor", "r": 8, "alpha": None,

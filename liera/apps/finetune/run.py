@@ -40,7 +40,8 @@ def _prepare(method: str, model: nn.Module, *, head: str, r: int, alpha: float, 
     if method in LIERA_METHODS:
         cfg = LieRAConfig(r=r, alpha=alpha, target_modules=targets, exclude_modules=[head], modules_to_save=[head],
                           generator=generator, exp_map="exact" if method == "liera-exact" else "taylor",
-                          update="additive" if method == "lora" else "multiplicative")
+                          update="additive" if method == "lora" else "multiplicative",
+                          layer_scaling="rms" if method == "liera-rms" else "none")
         from ...model import get_liera_model
 
         with warnings.catch_warnings():
