@@ -168,12 +168,50 @@ def update_spread(rows: list[dict], targets: list[str]) -> list[str]:
     return out
 
 
+def plot(rows: list[dict], tasks: list[str], targets: list[str], path: Path) -> None:
+    """LieRA − LoRA (points) per rank with 95% t intervals over task x seed pairs, one panel per target set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
+    ranks = sorted({k[3] for k in index if k[2] == LORA})
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False, sharey=True)
+    for ax, tgt in zip(axes[0], targets):
+        for j, method in enumerate(LIERA):
+            xs, ms, hs = [], [], []
+            for k in ranks:
+                d = [100 * (v - index[(t, g, LORA, kk, s)]) for (t, g, m, kk, s), v in index.items()
+                     if g == tgt and m == method and kk == k and t in tasks and (t, g, LORA, kk, s) in index]
+                if len(d) >= 2:
+                    xs.append(ranks.index(k) + (j - 1) * 0.08)
+                    ms.append(statistics.mean(d))
+                    hs.append(t95(len(d)) * statistics.stdev(d) / math.sqrt(len(d)))
+            if xs:
+                ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=LABEL[method])
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(ranks)), [f"r = {k}" for k in ranks])
+        ax.set_title(TARGET_LABEL[tgt])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy, LieRA − LoRA (points)")
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            break
+    fig.suptitle(f"paired by task and seed ({', '.join(tasks)}); bars: 95% t interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/vision")
     p.add_argument("--tasks", default="fashion,digits,textures")
     p.add_argument("--targets", default="dw,all")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="PNG of the paired differences per rank and target set")
     args = p.parse_args(argv)
     tasks, targets = args.tasks.split(","), args.targets.split(",")
     rows = load(Path(args.runs), tasks, targets)
@@ -188,6 +226,8 @@ def main(argv=None) -> int:
                      + pair_lines + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
                      + update_spread(rows, targets)) + "\n"
     print(text)
+    if args.plot:
+        plot(rows, tasks, targets, Path(args.plot))
     if args.out:
         Path(args.out).write_text(text)
     return 0
