@@ -22,13 +22,25 @@ def done(path: Path) -> set:
     return {tuple(json.loads(line)["key"]) for line in path.read_text().splitlines() if line.strip()}
 
 
-def read(path: Path) -> dict:
-    """Records grouped by (method, r, lr)."""
-    groups: dict = {}
+def records(path: Path) -> list[dict]:
+    """The runs recorded in a jsonl file, one per key (a run recorded twice, e.g. by two processes that raced,
+    counts once: the runs are deterministic, so the copies are equal)."""
+    seen, out = set(), []
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            groups.setdefault((row["method"], row["r"], row["lr"]), []).append(row)
+            key = tuple(row["key"])
+            if key not in seen:
+                seen.add(key)
+                out.append(row)
+    return out
+
+
+def read(path: Path) -> dict:
+    """Records grouped by (method, r, lr)."""
+    groups: dict = {}
+    for row in records(path):
+        groups.setdefault((row["method"], row["r"], row["lr"]), []).append(row)
     return groups
 
 

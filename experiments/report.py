@@ -14,6 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from common import records
+
 LORA = "lora"
 LIERA = ("liera-taylor", "liera-exact", "liera-rms")
 ORDER = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full")
@@ -29,11 +31,9 @@ def load(runs: Path, tasks: list[str], targets: list[str]) -> list[dict]:
             path = runs / (f"{task}-test.jsonl" if tgt == "all" else f"{task}-{tgt}-test.jsonl")
             if not path.exists():
                 continue
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    rec["task"], rec["targets"] = task, tgt
-                    rows.append(rec)
+            for rec in records(path):
+                rec["task"], rec["targets"] = task, tgt
+                rows.append(rec)
     return rows
 
 
@@ -130,10 +130,8 @@ def selection_tables(runs: Path, tasks: list[str], targets: list[str]) -> list[s
                 continue
             chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
             groups: dict = {}
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    groups.setdefault((rec["method"], rec["r"]), {}).setdefault(rec["lr"], []).append(rec["test_accuracy"])
+            for rec in records(path):
+                groups.setdefault((rec["method"], rec["r"]), {}).setdefault(rec["lr"], []).append(rec["test_accuracy"])
             for (method, r), by_lr in sorted(groups.items(), key=lambda kv: ORDER.index(kv[0][0])):
                 cells = []
                 for lr, accs in sorted(by_lr.items()):
