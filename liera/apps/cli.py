@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", help="comma-separated arms: linear-probe, lora, liera-taylor, liera-exact, liera-rms, "
                                         "full, peft-lora, each optionally with @dw (adapt the stem and depthwise "
                                         "convs only, the paper's ConvNeXt-V2 analogue); default: "
-                                        "linear-probe,lora,liera-taylor,full,peft-lora,lora@dw,"
-                                        "liera-taylor@dw,liera-rms@dw")
+                                        "linear-probe,lora,liera-rms,peft-lora,lora@dw,liera-taylor@dw,"
+                                        "liera-rms@dw")
     demo.add_argument("--r", type=int, default=8)
     demo.add_argument("--alpha", type=float, default=None, help="default: r")
     demo.add_argument("--epochs", type=int, default=5)
