@@ -10,10 +10,10 @@
 # The order is by what the question needs first (a run that stops early leaves the most useful part done): the
 # paper-faithful set at r = 4, all convs at r = 4 (LoRA vs liera-rms; the older tables in docs/results.md have
 # LoRA vs LieRA-Taylor/exact on all convs), then the other ranks.
-#   bash experiments/conditioning.sh [runs/vision]
+#   bash experiments/conditioning.sh [runs/vision]      (experiments/records/conditioning resumes the committed grid)
 set -euo pipefail
+OUT=$(realpath -m "${1:-runs/vision}")   # relative to where the script is started
 cd "$(dirname "$0")"
-OUT=${1:-../runs/vision}
 export OMP_NUM_THREADS=1
 COMMON="--out $OUT --channels-last --epochs 5"
 TASKS="fashion digits textures"

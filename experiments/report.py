@@ -187,7 +187,7 @@ def plot(rows: list[dict], tasks: list[str], targets: list[str], path: Path) -> 
                     ms.append(statistics.mean(d))
                     hs.append(t95(len(d)) * statistics.stdev(d) / math.sqrt(len(d)))
             if xs:
-                ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=LABEL[method])
+                ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=LABEL[method], color=f"C{j}")
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(ranks)), [f"r = {k}" for k in ranks])
         ax.set_title(TARGET_LABEL[tgt])
