@@ -87,8 +87,18 @@ def accuracy_tables(rows: list[dict], tasks: list[str], targets: list[str]) -> l
     return out
 
 
+def accuracy_index(rows: list[dict]) -> dict:
+    return {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
+
+
+def pair_diffs(index: dict, tasks: list[str], targets: str, method: str, rank=None) -> list[float]:
+    """method − LoRA on the same (task, target set, rank, seed), over the given tasks (and one rank if given)."""
+    return [v - index[(t, g, LORA, k, s)] for (t, g, m, k, s), v in index.items()
+            if g == targets and m == method and t in tasks and rank in (None, k) and (t, g, LORA, k, s) in index]
+
+
 def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list[str], dict]:
-    index = {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
+    index = accuracy_index(rows)
     ranks = sorted({r["r"] for r in rows if r["method"] in LIERA + (LORA,)})
     summary: dict = {}
     out = ["| target set | LieRA variant | " + " | ".join(f"r = {k}" for k in ranks) + " | all ranks |",
@@ -97,9 +107,7 @@ def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list
         for method in LIERA:
             cells, every = [], []
             for k in ranks:
-                diffs = [index[(t, tgt, method, k, s)] - index[(t, tgt, LORA, k, s)]
-                         for (t, g, m, kk, s) in index if g == tgt and m == method and kk == k and t in tasks
-                         and (t, tgt, LORA, k, s) in index]
+                diffs = pair_diffs(index, tasks, tgt, method, k)
                 every += diffs
                 cells.append(interval(diffs))
             if every:
@@ -111,9 +119,7 @@ def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list
         for method in LIERA:
             cells = []
             for task in tasks:
-                diffs = [index[(t, g, m, k, s)] - index[(t, g, LORA, k, s)] for (t, g, m, k, s) in index
-                         if t == task and g == tgt and m == method and (t, g, LORA, k, s) in index]
-                cells.append(interval(diffs))
+                cells.append(interval(pair_diffs(index, [task], tgt, method)))
             if any(c != "-" for c in cells):
                 per_task.append(f"| {TARGET_LABEL[tgt]} | {LABEL[method]} | " + " | ".join(cells) + " |")
     return out + per_task, summary
@@ -173,15 +179,14 @@ def plot(rows: list[dict], tasks: list[str], targets: list[str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    index = {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
+    index = accuracy_index(rows)
     ranks = sorted({k[3] for k in index if k[2] == LORA})
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False, sharey=True)
     for ax, tgt in zip(axes[0], targets):
         for j, method in enumerate(LIERA):
             xs, ms, hs = [], [], []
             for k in ranks:
-                d = [100 * (v - index[(t, g, LORA, kk, s)]) for (t, g, m, kk, s), v in index.items()
-                     if g == tgt and m == method and kk == k and t in tasks and (t, g, LORA, kk, s) in index]
+                d = [100 * v for v in pair_diffs(index, tasks, tgt, method, k)]
                 if len(d) >= 2:
                     xs.append(ranks.index(k) + (j - 1) * 0.08)
                     ms.append(statistics.mean(d))

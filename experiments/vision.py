@@ -45,19 +45,27 @@ def tensors(task, resolution, limit=None, channels_last=False):
             torch.as_tensor(task.test_y[:n if limit else None]).long())
 
 
-def update_ranks(model, r: int) -> dict:
-    """Numerical rank of each learned update W_eff - W (matricised), against the generator's rank r."""
+def learned_updates(model) -> list:
+    """(weight key, W, W_eff - W) in float64 for every adapted weight (none for the probe and full arms)."""
     from liera import LieRAModel
 
     if not isinstance(model, LieRAModel):
+        return []
+    with torch.no_grad():
+        return [(key, w, adapted.difference(w, adapted.live()))
+                for key, owner, adapted in model.adapted_weights()
+                for w in [adapted.owner_weight(owner).double()]]
+
+
+def update_ranks(updates: list, r: int) -> dict:
+    """Numerical rank of each learned update W_eff - W (matricised), against the generator's rank r."""
+    if not updates:
         return {}
     ranks, full = [], []
-    with torch.no_grad():
-        for _, owner, adapted in model.adapted_weights():
-            w = adapted.owner_weight(owner).double()
-            delta = (adapted.effective(w) - w).reshape(w.shape[0], -1)
-            ranks.append(int(torch.linalg.matrix_rank(delta, rtol=1e-7)))
-            full.append(min(delta.shape))
+    for _, w, delta in updates:
+        delta = delta.reshape(w.shape[0], -1)
+        ranks.append(int(torch.linalg.matrix_rank(delta, rtol=1e-7)))
+        full.append(min(delta.shape))
     return {"layers": len(ranks), "mean_rank": sum(ranks) / len(ranks), "mean_full_rank": sum(full) / len(full),
             "layers_above_r": sum(k > r for k in ranks), "layers_at_full_rank": sum(k == f for k, f in zip(ranks, full))}
 
@@ -139,8 +147,9 @@ def execute(plan, data, args, template, records: Path, shard: int, shards: int) 
                                 batch_size=args.batch_size, seed=seed, show_progress=False)
         rec = {"key": key, **result.to_dict(), "r": r, "targets": args.targets}
         if args.stage == "test":
-            rec["update_rank"] = update_ranks(model, r)
-            rec["update_stats"] = update_stats(model)
+            updates = learned_updates(model)
+            rec["update_rank"] = update_ranks(updates, r)
+            rec["update_stats"] = update_stats(updates)
         rec["losses"] = rec["losses"][:: max(1, len(rec["losses"]) // 100)]
         log(records, rec)
         print(f"[{i + 1}/{len(plan)}] {args.task}/{args.targets} {args.stage} {method} r={r} lr={lr:g} seed={seed}: "
@@ -167,30 +176,29 @@ def widen(grids: dict, groups: dict) -> dict:
         rates = sorted(rates)
         best = chosen.get(method)
         if best == rates[-1]:
-            rates.append(float(f"{rates[-1] * 3.0 if str(rates[-1])[0] == '1' else rates[-1] * 10 / 3:.0e}"))
+            rates.append(ladder_step(rates[-1], up=True))
         elif best == rates[0] and len(rates) > 1:
-            rates.insert(0, float(f"{rates[0] / 3.0 if str(rates[0])[0] == '3' else rates[0] * 3 / 10:.0e}"))
+            rates.insert(0, ladder_step(rates[0], up=False))
         out[method] = rates
     return out
 
 
-def update_stats(model) -> list:
+def ladder_step(rate: float, up: bool) -> float:
+    """The neighbour of a rate on the 1-3-10 ladder (1e-3 <-> 3e-3 <-> 1e-2 ...)."""
+    ones = f"{rate:.0e}"[0] == "1"
+    return float(f"{rate * (3.0 if ones else 10 / 3) if up else rate / (10 / 3 if ones else 3.0):.0e}")
+
+
+def update_stats(updates: list) -> list:
     """Per adapted layer: rms(W), the relative update norm ||W_eff - W|| / ||W||, and the share of the update's
     squared norm that lands on the largest 10% of |W| (how much a multiplicative update favours large weights)."""
-    from liera import LieRAModel
-
-    if not isinstance(model, LieRAModel):
-        return []
     rows = []
-    with torch.no_grad():
-        for key, owner, adapted in model.adapted_weights():
-            w = adapted.owner_weight(owner).double()
-            delta = adapted.effective(w) - w
-            big = w.abs() >= torch.quantile(w.abs().flatten().float(), 0.9).double()
-            total = float(delta.pow(2).sum())
-            rows.append({"layer": key, "rms_w": float(w.pow(2).mean().sqrt()),
-                         "rel_update": float(delta.norm() / w.norm()),
-                         "top10_share": float(delta[big].pow(2).sum()) / total if total else 0.0})
+    for key, w, delta in updates:
+        big = w.abs() >= torch.quantile(w.abs().flatten().float(), 0.9).double()
+        total = float(delta.pow(2).sum())
+        rows.append({"layer": key, "rms_w": float(w.pow(2).mean().sqrt()),
+                     "rel_update": float(delta.norm() / w.norm()),
+                     "top10_share": float(delta[big].pow(2).sum()) / total if total else 0.0})
     return rows
 
 

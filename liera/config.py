@@ -9,13 +9,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .generators.base import LAYER_SCALINGS
 from .group import EXP_MAPS, UPDATES
 
 LIBRARY = "liera"
 TARGET_SHORTCUTS = ("all-linear", "all-conv", "all")
 ADAPTER_DTYPES = ("float32", "base")
 UPDATE_BRANCHES = ("merged", "float32")
-LAYER_SCALINGS = ("none", "rms")  # the generators' base class checks the same list
 
 
 @dataclass
