@@ -10,6 +10,9 @@
 # The order is by what the question needs first (a run that stops early leaves the most useful part done): the
 # paper-faithful set at r = 4, all convs at r = 4 (LoRA vs liera-rms; the older tables in docs/results.md have
 # LoRA vs LieRA-Taylor/exact on all convs), then the other ranks.
+# longer_training reruns the chosen rates with 10 epochs on validation (records in OUT/epochs-10) to check whether
+# 5 epochs is too short. tie_check: fashion's LieRA-Taylor rates 3e-4, 1e-3 and 3e-3 tied on validation (the rule
+# kept the lowest); its test runs are repeated at the other two (records in OUT/ties) to show what the tie cost.
 #   bash experiments/conditioning.sh [runs/vision]      (experiments/records/conditioning resumes the committed grid)
 set -euo pipefail
 OUT=$(realpath -m "${1:-runs/vision}")   # relative to where the script is started
@@ -28,6 +31,27 @@ select_rates() {  # targets, methods, grid
     python vision.py --task $task --targets $1 --stage select --summarise-only $COMMON
   done
 }
+longer_training() {  # targets, epochs, methods: each method's chosen rate (r = 4) on validation, trained longer
+  for task in $TASKS; do
+    rates=$(python -c "import json; c = json.load(open('$OUT/$task-$1-chosen.json')); print(','.join(f'{m}={c[m]}' for m in '$3'.split(',')))")
+    for seed in 0 1; do
+      python vision.py --task $task --targets $1 --stage select --ranks 4 --seeds $seed --methods $3 --grid $rates \
+        --out "$OUT/epochs-$2" --channels-last --epochs $2 &
+    done
+    wait
+  done
+}
+tie_check() {  # task, targets, method, rates: test runs at the other rates that tied with the chosen one on validation
+  mkdir -p "$OUT/ties"
+  cp "$OUT/$1-$2-chosen.json" "$OUT/ties/"
+  for lr in $4; do
+    for shard in 0/2 1/2; do
+      python vision.py --task $1 --targets $2 --stage test --ranks 4 --seeds 0,1,2 --methods $3 --grid $3=$lr \
+        --out "$OUT/ties" --channels-last --epochs 5 --shard $shard &
+    done
+    wait
+  done
+}
 test_runs() {  # targets, ranks, methods
   for task in $TASKS; do
     lanes --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 --rate-as liera-exact=liera-taylor
@@ -38,7 +62,12 @@ test_runs dw 4 lora,liera-taylor,liera-rms,liera-exact
 select_rates all lora,liera-rms lora=1e-3/3e-3/1e-2,liera-rms=1e-3/3e-3/1e-2
 test_runs all 4 lora,liera-rms
 test_runs dw 2,8 lora,liera-rms
+select_rates all liera-taylor lora=1e-3/3e-3/1e-2,liera-rms=1e-3/3e-3/1e-2,liera-taylor=1e-3/3e-3/1e-2/3e-2
+test_runs all 4 liera-taylor,liera-exact
+longer_training dw 10 lora,liera-rms
+tie_check fashion dw liera-taylor "1e-3 3e-3"
 test_runs dw 2,8 liera-taylor
 test_runs all 2,8 lora,liera-rms
 test_runs dw 2,8 liera-exact
+test_runs all 2,8 liera-taylor,liera-exact
 python report.py --runs "$OUT" --out "$OUT/report.md"

@@ -148,6 +148,31 @@ def selection_tables(runs: Path, tasks: list[str], targets: list[str]) -> list[s
     return out
 
 
+def longer_training(runs: Path, tasks: list[str], targets: list[str]) -> list[str]:
+    """Validation accuracy at each method's chosen rate after 5 epochs (the selection runs) and after more epochs
+    (the runs under runs/epochs-N), same seeds: does the 5-epoch budget hold a method back?"""
+    out = ["| target set | task | method | lr | epochs | validation accuracy (5 epochs) | same, longer | "
+           "longer − 5 |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for folder in sorted(runs.glob("epochs-*")):
+        for tgt in targets:
+            for task in tasks:
+                name = f"{task}-select.jsonl" if tgt == "all" else f"{task}-{tgt}-select.jsonl"
+                if not (folder / name).exists() or not (runs / name).exists():
+                    continue
+                short = {(r["method"], r["r"], r["lr"], r["seed"]): r["test_accuracy"] for r in records(runs / name)}
+                groups: dict = {}
+                for rec in records(folder / name):
+                    key = (rec["method"], rec["r"], rec["lr"], rec["seed"])
+                    if key in short:
+                        groups.setdefault(key[:3], []).append((short[key], rec["test_accuracy"], rec["epochs"]))
+                for (method, _, lr), pairs in sorted(groups.items(), key=lambda kv: ORDER.index(kv[0][0])):
+                    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+                    out.append(f"| {tgt} | {task} | {LABEL[method]} | {lr:g} | {pairs[0][2]} | "
+                               f"{statistics.mean(a):.3f} ({len(a)}) | {statistics.mean(b):.3f} | "
+                               f"{100 * (statistics.mean(b) - statistics.mean(a)):+.1f} |")
+    return out if len(out) > 2 else []
+
+
 def layer_kind(name: str) -> str:
     if "_depthwise_conv" in name:
         return "depthwise"
@@ -222,9 +247,12 @@ def main(argv=None) -> int:
         print(f"no test records under {args.runs}", file=sys.stderr)
         return 1
     pair_lines, _ = paired(rows, tasks, targets)
+    longer = longer_training(Path(args.runs), tasks, targets)
     text = "\n".join(["Learning-rate selection (validation split, seeds 0 and 1):", ""]
                      + selection_tables(Path(args.runs), tasks, targets) + [""]
                      + accuracy_tables(rows, tasks, targets)
+                     + (["Longer training (validation split, the chosen rates, seeds 0 and 1):", ""]
+                        + longer + [""] if longer else [])
                      + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
                      + pair_lines + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
                      + update_spread(rows, targets)) + "\n"

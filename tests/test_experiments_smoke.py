@@ -82,3 +82,33 @@ def test_plot_reads_records_at_the_chosen_rates(tmp_path):
     out = tmp_path / "ranks.png"
     assert plot.main(["--runs", f"fashion={tmp_path}", "--out", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
+    """report.py: LieRA − LoRA is paired on (task, targets, rank, seed), unpaired runs are left out, the t interval
+    matches a hand computation, and the longer-training table matches 5-epoch and 10-epoch runs by seed."""
+    def rec(task, method, seed, acc, stage="test", epochs=5, lr=1e-3):
+        return {"key": [task, stage, method, 4, lr, seed, epochs], "method": method, "r": 4, "lr": lr,
+                "seed": seed, "epochs": epochs, "test_accuracy": acc}
+    lora = [rec("fashion", "lora", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))]
+    rms = [rec("fashion", "liera-rms", s, a) for s, a in ((0, 0.81), (1, 0.84), (2, 0.87))]
+    rms.append(rec("fashion", "liera-rms", 3, 0.99))  # no LoRA run with seed 3: not a pair
+    (tmp_path / "fashion-dw-test.jsonl").write_text("\n".join(json.dumps(r) for r in lora + rms) + "\n")
+    select = [rec("fashion", "lora", s, a, "select") for s, a in ((0, 0.70), (1, 0.72))]
+    (tmp_path / "fashion-dw-select.jsonl").write_text("\n".join(json.dumps(r) for r in select) + "\n")
+    longer = [rec("fashion", "lora", s, a, "select", epochs=10) for s, a in ((0, 0.75), (1, 0.79))]
+    (tmp_path / "epochs-10").mkdir()
+    (tmp_path / "epochs-10" / "fashion-dw-select.jsonl").write_text("\n".join(json.dumps(r) for r in longer) + "\n")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    rows = report.load(tmp_path, ["fashion"], ["dw"])
+    diffs = report.pair_diffs(report.accuracy_index(rows), ["fashion"], "dw", "liera-rms", 4)
+    assert sorted(round(d, 6) for d in diffs) == [0.01, 0.02, 0.03]
+    # mean 2 points, sd 1 point, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3) = 2.48 points
+    assert report.interval(diffs) in ("+2.00 [-0.48, +4.48] (n = 3)", "+2.00 [+0.87, +3.13] (n = 3)")  # t, or normal without scipy
+    table = report.longer_training(tmp_path, ["fashion"], ["dw"])
+    assert table[2] == "| dw | fashion | LoRA (additive) | 0.001 | 10 | 0.710 (2) | 0.770 | +6.0 |"
+    assert report.longer_training(tmp_path, ["digits"], ["dw"]) == []
