@@ -100,7 +100,7 @@ def test_npz_run_writes_adapter_and_results_and_reloads_identically(tmp_path):
     run = finetune.run_finetune(data=str(data), model=TINY, out=out, r=2, epochs=2, batch_size=8, resolution=12,
                                 progress=False, threads=1)
     res = results_of(out)
-    assert res["method"] == "liera-taylor" and res["interrupted"] is False
+    assert res["method"] == "liera-rms" and res["interrupted"] is False  # the default method
     assert res["n_train"] == 16 and res["n_test"] == 8 and res["classes"] == ["0", "1"]
     assert res["options"]["target_modules"] == "all-conv" and res["options"]["head"] == "fc"
     assert res["adapted_layers"] == 2 and 0.0 <= res["test_accuracy"] <= 1.0
@@ -185,10 +185,22 @@ def test_full_and_linear_probe_save_trainable_tensors(tmp_path, method):
 def test_exp_map_picks_the_liera_variant(tmp_path):
     data = make_npz(tmp_path / "toy.npz")
     out = tmp_path / "out"
+    assert cli.main(["finetune", "--data", str(data), "--model", TINY, "--method", "liera-taylor", "--exp-map",
+                     "exact", "--out", str(out), *FAST]) == 0
+    assert results_of(out)["method"] == "liera-exact"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["exp_map"] == "exact" and config["layer_scaling"] == "none"
+
+
+def test_default_method_is_liera_rms_and_exp_map_keeps_its_scaling(tmp_path):
+    """The default is the measured-best LieRA form (docs/results.md); --exp-map picks its map, scaling kept."""
+    data = make_npz(tmp_path / "toy.npz")
+    out = tmp_path / "out"
     assert cli.main(["finetune", "--data", str(data), "--model", TINY, "--exp-map", "exact", "--out", str(out),
                      *FAST]) == 0
-    assert results_of(out)["method"] == "liera-exact"
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["exp_map"] == "exact"
+    assert results_of(out)["method"] == "liera-rms"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["exp_map"] == "exact" and config["layer_scaling"] == "rms"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])

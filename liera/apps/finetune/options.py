@@ -24,7 +24,7 @@ TEXT_LRS = {"linear-probe": 1e-2, "lora": 1e-3, "liera-taylor": 3e-3, "liera-exa
             "full": 5e-5, "peft-lora": 1e-3}
 
 DEFAULTS: dict[str, Any] = {
-    "data": None, "model": None, "out": "liera-finetune", "method": "liera-taylor", "r": 8, "alpha": None,
+    "data": None, "model": None, "out": "liera-finetune", "method": "liera-rms", "r": 8, "alpha": None,
     "exp_map": None, "generator": "lora", "target_modules": None, "head": None, "epochs": 5, "lr": None,
     "batch_size": 32, "seed": 0, "resolution": None, "max_length": 128, "text_column": "text",
     "label_column": "label", "threads": None, "progress": True,
@@ -48,11 +48,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder, .npz, .csv, .jsonl, or a built-in: fashion-1k, digits-1k")
     p.add_argument("--model", help="transformers directory, module:function factory, or efficientnet-lite0 / minilm "
                                    "(default: efficientnet-lite0 for images, minilm for text)")
-    p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default liera-taylor)")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default liera-rms: LieRA-Taylor with each "
+                                    f"layer's step scaled by 1 / rms(W), the LieRA form that measured best)")
     p.add_argument("--r", "--rank", dest="r", type=int, help="rank of the generator (default 8); under torchrun write --rank: torchrun reads --r as an abbreviation of its own --rdzv-* options")
     p.add_argument("--alpha", type=float, help="scale numerator, scale = alpha / r (default: r)")
     p.add_argument("--exp-map", dest="exp_map", choices=["taylor", "exact"],
-                   help="picks the LieRA variant: taylor = liera-taylor, exact = liera-exact")
+                   help="the map of a LieRA method: with liera-taylor / liera-exact it picks between them; "
+                        "with liera-rms (the default) it picks the map under the rms scaling")
     p.add_argument("--generator", help="registered generator: lora (default), dora, pissa, loha, lokr, ...")
     p.add_argument("--target-modules", dest="target_modules",
                    help="comma-separated module names, a regex, or all-linear / all-conv / all "

@@ -36,10 +36,11 @@ class FinetuneResult:
 
 
 def _prepare(method: str, model: nn.Module, *, head: str, r: int, alpha: float, targets, found: list,
-             generator: str) -> tuple[nn.Module, str]:
+             generator: str, exp_map: Optional[str] = None) -> tuple[nn.Module, str]:
     if method in LIERA_METHODS:
+        exp_map = exp_map or ("exact" if method == "liera-exact" else "taylor")
         cfg = LieRAConfig(r=r, alpha=alpha, target_modules=targets, exclude_modules=[head], modules_to_save=[head],
-                          generator=generator, exp_map="exact" if method == "liera-exact" else "taylor",
+                          generator=generator, exp_map=exp_map,
                           update="additive" if method == "lora" else "multiplicative",
                           layer_scaling="rms" if method == "liera-rms" else "none")
         from ...model import get_liera_model
@@ -77,7 +78,7 @@ def _write_results(out: Path, payload: dict) -> None:
 
 
 def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: Union[str, Path] = "liera-finetune",
-                 method: str = "liera-taylor", r: int = 8, alpha: Optional[float] = None,
+                 method: str = "liera-rms", r: int = 8, alpha: Optional[float] = None,
                  exp_map: Optional[str] = None, generator: str = "lora", target_modules=None,
                  head: Optional[str] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
                  seed: int = 0, resolution: Optional[int] = None, max_length: int = 128,
@@ -103,10 +104,11 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
     if opts["exp_map"] is not None:
         if opts["exp_map"] not in ("taylor", "exact"):
             raise ValueError(f"unknown exp-map {opts['exp_map']!r}; use taylor or exact.")
-        if method not in ("liera-taylor", "liera-exact"):
+        if method not in ("liera-taylor", "liera-exact", "liera-rms"):
             raise ValueError(f"--exp-map applies to the LieRA methods only, not --method {method}; use "
-                             f"--method liera-taylor or liera-exact.")
-        method = f"liera-{opts['exp_map']}"
+                             f"--method liera-rms, liera-taylor or liera-exact.")
+        if method != "liera-rms":  # liera-rms keeps its scaling and takes the map
+            method = f"liera-{opts['exp_map']}"
     for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2), ("resolution", 8),
                       ("threads", 1)):
         if opts[name] is not None and opts[name] < low:
@@ -218,7 +220,7 @@ def _run(opts: dict[str, Any], method: str, out: Path) -> FinetuneResult:
     started = time.perf_counter()
     try:
         wrapped, note = _prepare(method, base, head=head, r=r, alpha=alpha, targets=targets, found=found,
-                                 generator=opts["generator"])
+                                 generator=opts["generator"], exp_map=opts["exp_map"])
         n_params = training.trainable_count(wrapped)
         payload.update(trainable_params=n_params, total_params=sum(p.numel() for p in wrapped.parameters()), note=note)
         rank, world = _distributed()
