@@ -91,10 +91,23 @@ def accuracy_index(rows: list[dict]) -> dict:
     return {(r["task"], r["targets"], r["method"], r["r"], r["seed"]): r["test_accuracy"] for r in rows}
 
 
-def pair_diffs(index: dict, tasks: list[str], targets: str, method: str, rank=None) -> list[float]:
-    """method − LoRA on the same (task, target set, rank, seed), over the given tasks (and one rank if given)."""
-    return [v - index[(t, g, LORA, k, s)] for (t, g, m, k, s), v in index.items()
-            if g == targets and m == method and t in tasks and rank in (None, k) and (t, g, LORA, k, s) in index]
+def pair_diffs(index: dict, tasks: list[str], targets: str, method: str, rank=None, base: str = LORA) -> list[float]:
+    """method − base (LoRA unless given) on the same (task, target set, rank, seed), over the given tasks (and one
+    rank if given)."""
+    return [v - index[(t, g, base, k, s)] for (t, g, m, k, s), v in index.items()
+            if g == targets and m == method and t in tasks and rank in (None, k) and (t, g, base, k, s) in index]
+
+
+def scaling_effect(rows: list[dict], tasks: list[str], targets: list[str]) -> list[str]:
+    """LieRA-Taylor + rms scaling − plain LieRA-Taylor, paired like the LoRA comparison: what the scaling buys."""
+    index = accuracy_index(rows)
+    out = ["| target set | " + " | ".join(tasks) + " | all tasks |", "| --- | " + " | ".join("---" for _ in tasks) + " | --- |"]
+    for tgt in targets:
+        cells = [interval(pair_diffs(index, [t], tgt, "liera-rms", base="liera-taylor")) for t in tasks]
+        every = pair_diffs(index, tasks, tgt, "liera-rms", base="liera-taylor")
+        if every:
+            out.append(f"| {TARGET_LABEL[tgt]} | " + " | ".join(cells) + f" | {interval(every)} |")
+    return out if len(out) > 2 else []
 
 
 def paired(rows: list[dict], tasks: list[str], targets: list[str]) -> tuple[list[str], dict]:
@@ -254,7 +267,9 @@ def main(argv=None) -> int:
                      + (["Longer training (validation split, the chosen rates, seeds 0 and 1):", ""]
                         + longer + [""] if longer else [])
                      + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
-                     + pair_lines + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
+                     + pair_lines + ["", "What the scaling buys: LieRA-Taylor + rms scaling − LieRA-Taylor (points; "
+                                     "paired by task, rank and seed, all ranks pooled):", ""]
+                     + scaling_effect(rows, tasks, targets) + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
                      + update_spread(rows, targets)) + "\n"
     print(text)
     if args.plot:
