@@ -109,7 +109,7 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     assert sorted(round(d, 6) for d in diffs) == [0.01, 0.02, 0.03]
     # mean 2 points, sd 1 point, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3) = 2.48 points
     assert report.interval(diffs) in ("+2.00 [-0.48, +4.48] (n = 3)", "+2.00 [+0.87, +3.13] (n = 3)")  # t, or normal without scipy
-    # the same pairing against another method: rms − LoRA by hand is +1, +2, +3 points; against itself, zero
+    # the base is a parameter: LoRA paired with itself gives zeros
     assert report.pair_diffs(report.accuracy_index(rows), ["fashion"], "dw", "lora", base="lora") == [0.0] * 3
     assert report.scaling_effect(rows, ["fashion"], ["dw"]) == []  # no plain LieRA-Taylor runs: no table
     table = report.longer_training(tmp_path, ["fashion"], ["dw"])
