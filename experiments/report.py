@@ -4,6 +4,8 @@ over those pairs. Also how the learned update is spread over layers (relative up
 share of the update on the largest 10% of weights).
 
     python experiments/report.py --runs runs/vision --tasks fashion,digits,textures --out runs/report.md
+    python experiments/report.py --runs experiments/records/language --tasks wordnet --targets all \
+        --target-label "all=MiniLM, 36 encoder linears"
 """
 from __future__ import annotations
 
@@ -253,7 +255,11 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="dw,all")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="PNG of the paired differences per rank and target set")
+    p.add_argument("--target-label", action="append", default=[], metavar="SET=TEXT",
+                   help="how a target set is named in the tables, e.g. all='the 36 encoder linears' for "
+                        "experiments/language.py's records (same file names as the vision 'all' set)")
     args = p.parse_args(argv)
+    TARGET_LABEL.update(item.split("=", 1) for item in args.target_label)
     tasks, targets = args.tasks.split(","), args.targets.split(",")
     rows = load(Path(args.runs), tasks, targets)
     if not rows:
