@@ -13,6 +13,8 @@
 # longer_training reruns the chosen rates with 10 epochs on validation (records in OUT/epochs-10) to check whether
 # 5 epochs is too short. tie_check: fashion's LieRA-Taylor rates 3e-4, 1e-3 and 3e-3 tied on validation (the rule
 # kept the lowest); its test runs are repeated at the other two (records in OUT/ties) to show what the tie cost.
+# rank_check: the r = 8 test runs used the rate chosen at r = 4; it chooses LoRA's and liera-rms's rates again at
+# r = 8 on validation (records in OUT/rank-8) and tests them, to see whether the r = 8 instabilities were the rate.
 #   bash experiments/conditioning.sh [runs/vision]      (experiments/records/conditioning resumes the committed grid)
 set -euo pipefail
 OUT=$(realpath -m "${1:-runs/vision}")   # relative to where the script is started
@@ -52,6 +54,28 @@ tie_check() {  # task, targets, method, rates: test runs at the other rates that
     wait
   done
 }
+rank_check() {  # targets, rank, methods, grid: the rates chosen again at this rank (records in OUT/rank-N), then tested
+  local dir="$OUT/rank-$2" name
+  mkdir -p "$dir"
+  for task in $TASKS; do
+    name=$task; [ "$1" = all ] || name=$task-$1
+    for shard in 0/2 1/2; do
+      python vision.py --task $task --targets $1 --stage select --ranks $2 --seeds 0,1 --widen 1 --methods $3 --grid $4 \
+        --out "$dir" --channels-last --epochs 5 --shard $shard &
+    done
+    wait
+    python vision.py --task $task --targets $1 --stage select --summarise-only --out "$dir" --channels-last --epochs 5
+    # test runs at a rate the main grid already ran are the same run (deterministic): copy them instead of rerunning
+    python -c "import json, sys; src, dst, r, ms = sys.argv[1:]; have = open(dst).read() if __import__('os').path.exists(dst) else ''
+keep = [l for l in open(src) if l.strip() and json.loads(l)['key'][3] == int(r) and json.loads(l)['key'][2] in ms.split(',') and l not in have]
+open(dst, 'a').writelines(keep)" "$OUT/$name-test.jsonl" "$dir/$name-test.jsonl" $2 $3
+    for shard in 0/2 1/2; do
+      python vision.py --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 \
+        --out "$dir" --channels-last --epochs 5 --shard $shard &
+    done
+    wait
+  done
+}
 test_runs() {  # targets, ranks, methods
   for task in $TASKS; do
     lanes --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 --rate-as liera-exact=liera-taylor
@@ -70,4 +94,7 @@ test_runs dw 2,8 liera-taylor
 test_runs all 2,8 lora,liera-rms
 test_runs dw 2,8 liera-exact
 test_runs all 2,8 liera-taylor,liera-exact
+rank_check dw 8 lora,liera-rms lora=1e-3/3e-3/1e-2,liera-rms=1e-3/3e-3/1e-2
+rank_check all 8 lora,liera-rms lora=1e-3/3e-3/1e-2,liera-rms=1e-3/3e-3/1e-2
 python report.py --runs "$OUT" --out "$OUT/report.md"
+python report.py --runs "$OUT/rank-8" --out "$OUT/rank-8/report.md"

@@ -209,7 +209,7 @@ def update_spread(rows: list[dict], targets: list[str]) -> list[str]:
                     out.append(f"| {tgt} | {LABEL[method]} | {kind} | {statistics.mean(s['rms_w'] for s in mine):.3f} | "
                                f"{statistics.median(s['rel_update'] for s in mine):.4f} | "
                                f"{statistics.mean(s['top10_share'] for s in mine):.2f} |")
-    return out
+    return out if len(out) > 2 else []  # records without update statistics (language.py) get no table
 
 
 def plot(rows: list[dict], tasks: list[str], targets: list[str], path: Path) -> None:
@@ -267,6 +267,7 @@ def main(argv=None) -> int:
         return 1
     pair_lines, _ = paired(rows, tasks, targets)
     longer = longer_training(Path(args.runs), tasks, targets)
+    spread = update_spread(rows, targets)
     text = "\n".join(["Learning-rate selection (validation split, seeds 0 and 1):", ""]
                      + selection_tables(Path(args.runs), tasks, targets) + [""]
                      + accuracy_tables(rows, tasks, targets)
@@ -275,8 +276,9 @@ def main(argv=None) -> int:
                      + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
                      + pair_lines + ["", "What the scaling buys: LieRA-Taylor + rms scaling − LieRA-Taylor (points; "
                                      "paired by task, rank and seed, all ranks pooled):", ""]
-                     + scaling_effect(rows, tasks, targets) + ["", "How the update is spread (test runs, all ranks and seeds):", ""]
-                     + update_spread(rows, targets)) + "\n"
+                     + scaling_effect(rows, tasks, targets)
+                     + (["", "How the update is spread (test runs, all ranks and seeds):", ""] + spread if spread else [])
+                     ) + "\n"
     print(text)
     if args.plot:
         plot(rows, tasks, targets, Path(args.plot))

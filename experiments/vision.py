@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 chosen.setdefault(dst, chosen[src])
         chosen.update({m: v[0] for m, v in parse_lrs(args.grid).items()})
         data = tensors(task, args.resolution, limit, args.channels_last)
-        plan = [(m, r, chosen.get(m, grid[m][1]), s) for m in methods
+        plan = [(m, r, chosen[m] if m in chosen else grid[m][1], s) for m in methods  # no default from a 1-rate --grid
                 for r in (ranks[:1] if m in RANK_FREE else ranks) for s in seeds]
         run_plan(plan, data)
     summarise(records, out, name, args.stage)

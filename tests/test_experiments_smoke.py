@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150  # the runs take ~15-30 s; the margin is for a loaded CI machine
 
 
-def run_smoke(script: str, out: Path) -> subprocess.CompletedProcess:
+def run_smoke(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", "--out", str(out), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"{script} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -49,6 +49,9 @@ def test_vision_smoke(tmp_path):
     run_smoke("vision.py", tmp_path)
     check_records(tmp_path / "fashion-select.jsonl", 2)
     assert (tmp_path / "fashion-select.md").exists()
+    # a test stage at rates given on the command line, one rate per method (as conditioning.sh's tie_check runs it)
+    run_smoke("vision.py", tmp_path, "--stage", "test", "--grid", "lora=2e-3,liera-taylor=5e-4")
+    assert sorted(r["lr"] for r in check_records(tmp_path / "fashion-test.jsonl", 2)) == [5e-4, 2e-3]
 
 
 def test_memory_smoke(tmp_path):
@@ -115,3 +118,7 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     table = report.longer_training(tmp_path, ["fashion"], ["dw"])
     assert table[2] == "| dw | fashion | LoRA (additive) | 0.001 | 10 | 0.710 (2) | 0.770 | +6.0 |"
     assert report.longer_training(tmp_path, ["digits"], ["dw"]) == []
+    assert report.update_spread(rows, ["dw"]) == []  # no update statistics (language.py's records): no table
+    rows[0]["update_stats"] = [{"layer": "blocks.0._depthwise_conv", "rms_w": 0.2, "rel_update": 0.05, "top10_share": 0.1},
+                               {"layer": "blocks.1._depthwise_conv", "rms_w": 0.4, "rel_update": 0.07, "top10_share": 0.3}]
+    assert report.update_spread(rows, ["dw"])[2:] == ["| dw | LoRA (additive) | depthwise | 0.300 | 0.0600 | 0.20 |"]
