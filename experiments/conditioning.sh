@@ -66,9 +66,10 @@ rank_check() {  # targets, rank, methods, grid: the rates chosen again at this r
     wait
     python vision.py --task $task --targets $1 --stage select --summarise-only --out "$dir" --channels-last --epochs 5
     # test runs at a rate the main grid already ran are the same run (deterministic): copy them instead of rerunning
-    python -c "import json, sys; src, dst, r, ms = sys.argv[1:]; have = open(dst).read() if __import__('os').path.exists(dst) else ''
-keep = [l for l in open(src) if l.strip() and json.loads(l)['key'][3] == int(r) and json.loads(l)['key'][2] in ms.split(',') and l not in have]
-open(dst, 'a').writelines(keep)" "$OUT/$name-test.jsonl" "$dir/$name-test.jsonl" $2 $3
+    python -c "import json, os, sys; src, dst, chosen, r, ms = sys.argv[1:]; rate = json.load(open(chosen))
+have = open(dst).read() if os.path.exists(dst) else ''
+same = lambda k: k[3] == int(r) and k[2] in ms.split(',') and k[4] == rate[k[2]]  # same run: same rank, method, rate
+open(dst, 'a').writelines(l for l in open(src) if l.strip() and same(json.loads(l)['key']) and l not in have)" "$OUT/$name-test.jsonl" "$dir/$name-test.jsonl" "$dir/$name-chosen.json" $2 $3
     for shard in 0/2 1/2; do
       python vision.py --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 \
         --out "$dir" --channels-last --epochs 5 --shard $shard &

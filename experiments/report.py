@@ -267,16 +267,16 @@ def main(argv=None) -> int:
         return 1
     pair_lines, _ = paired(rows, tasks, targets)
     longer = longer_training(Path(args.runs), tasks, targets)
-    spread = update_spread(rows, targets)
+    spread, effect = update_spread(rows, targets), scaling_effect(rows, tasks, targets)
     text = "\n".join(["Learning-rate selection (validation split, seeds 0 and 1):", ""]
                      + selection_tables(Path(args.runs), tasks, targets) + [""]
                      + accuracy_tables(rows, tasks, targets)
                      + (["Longer training (validation split, the chosen rates, seeds 0 and 1):", ""]
                         + longer + [""] if longer else [])
                      + ["Paired difference LieRA − LoRA (points; mean and 95% t interval over task x seed pairs):", ""]
-                     + pair_lines + ["", "What the scaling buys: LieRA-Taylor + rms scaling − LieRA-Taylor (points; "
-                                     "paired by task, rank and seed, all ranks pooled):", ""]
-                     + scaling_effect(rows, tasks, targets)
+                     + pair_lines
+                     + (["", "What the scaling buys: LieRA-Taylor + rms scaling − LieRA-Taylor (points; "
+                         "paired by task, rank and seed, all ranks pooled):", ""] + effect if effect else [])
                      + (["", "How the update is spread (test runs, all ranks and seeds):", ""] + spread if spread else [])
                      ) + "\n"
     print(text)

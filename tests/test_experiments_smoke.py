@@ -92,7 +92,7 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     matches a hand computation, and the longer-training table matches 5-epoch and 10-epoch runs by seed."""
     def rec(task, method, seed, acc, stage="test", epochs=5, lr=1e-3):
         return {"key": [task, stage, method, 4, lr, seed, epochs], "method": method, "r": 4, "lr": lr,
-                "seed": seed, "epochs": epochs, "test_accuracy": acc}
+                "seed": seed, "epochs": epochs, "test_accuracy": acc, "trainable_params": 100}
     lora = [rec("fashion", "lora", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))]
     rms = [rec("fashion", "liera-rms", s, a) for s, a in ((0, 0.81), (1, 0.84), (2, 0.87))]
     rms.append(rec("fashion", "liera-rms", 3, 0.99))  # no LoRA run with seed 3: not a pair
@@ -119,6 +119,9 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     assert table[2] == "| dw | fashion | LoRA (additive) | 0.001 | 10 | 0.710 (2) | 0.770 | +6.0 |"
     assert report.longer_training(tmp_path, ["digits"], ["dw"]) == []
     assert report.update_spread(rows, ["dw"]) == []  # no update statistics (language.py's records): no table
+    assert report.main(["--runs", str(tmp_path), "--tasks", "fashion", "--targets", "dw", "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()  # tables without rows are left out with their headings
+    assert "Paired difference" in text and "What the scaling buys" not in text and "How the update" not in text
     rows[0]["update_stats"] = [{"layer": "blocks.0._depthwise_conv", "rms_w": 0.2, "rel_update": 0.05, "top10_share": 0.1},
                                {"layer": "blocks.1._depthwise_conv", "rms_w": 0.4, "rel_update": 0.07, "top10_share": 0.3}]
     assert report.update_spread(rows, ["dw"])[2:] == ["| dw | LoRA (additive) | depthwise | 0.300 | 0.0600 | 0.20 |"]
