@@ -22,9 +22,9 @@ cd "$(dirname "$0")"
 export OMP_NUM_THREADS=1
 COMMON="--out $OUT --channels-last --epochs 5"
 TASKS="fashion digits textures"
-lanes() {  # one command as two shards side by side
-  python vision.py "$@" $COMMON --shard 0/2 & a=$!
-  python vision.py "$@" $COMMON --shard 1/2 & b=$!
+lanes() {  # one command as two shards side by side (its own --out, if given, wins over COMMON's)
+  python vision.py $COMMON "$@" --shard 0/2 & a=$!
+  python vision.py $COMMON "$@" --shard 1/2 & b=$!
   wait $a; wait $b
 }
 select_rates() {  # targets, methods, grid
@@ -47,11 +47,7 @@ tie_check() {  # task, targets, method, rates: test runs at the other rates that
   mkdir -p "$OUT/ties"
   cp "$OUT/$1-$2-chosen.json" "$OUT/ties/"
   for lr in $4; do
-    for shard in 0/2 1/2; do
-      python vision.py --task $1 --targets $2 --stage test --ranks 4 --seeds 0,1,2 --methods $3 --grid $3=$lr \
-        --out "$OUT/ties" --channels-last --epochs 5 --shard $shard &
-    done
-    wait
+    lanes --task $1 --targets $2 --stage test --ranks 4 --seeds 0,1,2 --methods $3 --grid $3=$lr --out "$OUT/ties"
   done
 }
 rank_check() {  # targets, rank, methods, grid: the rates chosen again at this rank (records in OUT/rank-N), then tested
@@ -59,22 +55,10 @@ rank_check() {  # targets, rank, methods, grid: the rates chosen again at this r
   mkdir -p "$dir"
   for task in $TASKS; do
     name=$task; [ "$1" = all ] || name=$task-$1
-    for shard in 0/2 1/2; do
-      python vision.py --task $task --targets $1 --stage select --ranks $2 --seeds 0,1 --widen 1 --methods $3 --grid $4 \
-        --out "$dir" --channels-last --epochs 5 --shard $shard &
-    done
-    wait
-    python vision.py --task $task --targets $1 --stage select --summarise-only --out "$dir" --channels-last --epochs 5
-    # test runs at a rate the main grid already ran are the same run (deterministic): copy them instead of rerunning
-    python -c "import json, os, sys; src, dst, chosen, r, ms = sys.argv[1:]; rate = json.load(open(chosen))
-have = open(dst).read() if os.path.exists(dst) else ''
-same = lambda k: k[3] == int(r) and k[2] in ms.split(',') and k[4] == rate[k[2]]  # same run: same rank, method, rate
-open(dst, 'a').writelines(l for l in open(src) if l.strip() and same(json.loads(l)['key']) and l not in have)" "$OUT/$name-test.jsonl" "$dir/$name-test.jsonl" "$dir/$name-chosen.json" $2 $3
-    for shard in 0/2 1/2; do
-      python vision.py --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 \
-        --out "$dir" --channels-last --epochs 5 --shard $shard &
-    done
-    wait
+    lanes --task $task --targets $1 --stage select --ranks $2 --seeds 0,1 --widen 1 --methods $3 --grid $4 --out "$dir"
+    python vision.py --task $task --targets $1 --stage select --summarise-only $COMMON --out "$dir"
+    # a test run at a rate the main grid already ran is the same run: --reuse copies its record
+    lanes --task $task --targets $1 --stage test --ranks $2 --seeds 0,1,2 --methods $3 --out "$dir" --reuse "$OUT/$name-test.jsonl"
   done
 }
 test_runs() {  # targets, ranks, methods

@@ -28,6 +28,7 @@ from liera.apps.demo import HEAD, TARGET_SETS as TARGETS, load_efficientnet_lite
 from liera.apps.training import run_arm
 
 from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read
+from common import records as load_records
 
 # widened where the best rate fell on an edge (the first grid was 3 rates per method)
 GRID = {"linear-probe": [3e-3, 1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2],
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
                                                            "best one sits on the grid's edge (x3 steps)")
     p.add_argument("--rate-as", default="", help="test: take one method's chosen rate for another, e.g. "
                                                    "'liera-exact=liera-taylor' (when only one was selected)")
+    p.add_argument("--reuse", default="", help="records file of another run folder: a planned run with the same key "
+                   "is copied from it instead of trained again (the runs are deterministic)")
     p.add_argument("--summarise-only", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="NHWC model and inputs (about 1.3x faster on CPU; "
                                                                   "records get a 'cl' key so runs never mix)")
@@ -137,9 +140,14 @@ def run_key(args, method, r, lr, seed) -> list:
 
 def execute(plan, data, args, template, records: Path, shard: int, shards: int) -> None:
     finished = done(records)
+    earlier = {tuple(row["key"]): row for row in load_records(Path(args.reuse))} if args.reuse else {}
     for i, (method, r, lr, seed) in enumerate(plan):
         key = run_key(args, method, r, lr, seed)
         if i % shards != shard or tuple(key) in finished:
+            continue
+        if tuple(key) in earlier:
+            log(records, earlier[tuple(key)])
+            print(f"[{i + 1}/{len(plan)}] {key}: copied from {args.reuse}", flush=True)
             continue
         t = time.time()
         result, model = run_arm(method, lambda: copy.deepcopy(template), data, head=HEAD, r=r, alpha=float(r),

@@ -52,6 +52,11 @@ def test_vision_smoke(tmp_path):
     # a test stage at rates given on the command line, one rate per method (as conditioning.sh's tie_check runs it)
     run_smoke("vision.py", tmp_path, "--stage", "test", "--grid", "lora=2e-3,liera-taylor=5e-4")
     assert sorted(r["lr"] for r in check_records(tmp_path / "fashion-test.jsonl", 2)) == [5e-4, 2e-3]
+    # --reuse: the same runs planned in another folder are copied from these records, not trained again
+    proc = run_smoke("vision.py", tmp_path / "again", "--stage", "test", "--grid", "lora=2e-3,liera-taylor=5e-4",
+                     "--reuse", str(tmp_path / "fashion-test.jsonl"))
+    assert proc.stdout.count("copied from") == 2
+    assert (tmp_path / "again" / "fashion-test.jsonl").read_text() == (tmp_path / "fashion-test.jsonl").read_text()
 
 
 def test_memory_smoke(tmp_path):
