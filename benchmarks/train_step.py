@@ -149,7 +149,7 @@ def shape_c(quick: bool) -> Shape:
 
 def _liera_target_names(model: nn.Module, shortcut: str) -> list[str]:
     import liera
-    from liera.targeting import find_targets
+    from liera import find_targets
 
     return [t.path for t in find_targets(model, liera.LieRAConfig(r=R, alpha=ALPHA, target_modules=shortcut))]
 

@@ -43,7 +43,7 @@ import torch
 
 import liera
 from liera.integrations import LieRATrainer
-from liera.progress import progress
+from liera.apps.progress import progress
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # Table 9 of the paper
 # DoRA / LLM-Adapters commonsense settings (assumed; verify against the paper)

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 import liera
-from liera.progress import progress
+from liera.apps.progress import progress
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
            "downsamplers.0.conv", "upsamplers.0.conv"]

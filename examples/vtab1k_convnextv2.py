@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import liera
 from liera.apps.data import ImageTask, load_image_folder, load_npz_images, to_model_input
-from liera.progress import progress
+from liera.apps.progress import progress
 
 # protocol defaults (see the header: common VTAB-1k settings, not checked against the paper)
 EPOCHS = 100

@@ -44,15 +44,22 @@ def read(path: Path) -> dict:
     return groups
 
 
-def choose_rates(groups: dict) -> dict:
-    """Per method, the rate with the best mean validation accuracy over seeds; a tie (to 1e-6) keeps the lower,
-    more stable rate."""
+def choose_rates(groups: dict, tie_break: str = "lower-rate") -> dict:
+    """Per method, the rate with the best mean validation accuracy over seeds. A tie (to 1e-6) keeps the lower,
+    more stable rate, or with tie_break="loss" the rate with the lower mean validation loss (rows need "loss")."""
     best: dict = {}
     for (method, _, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
         mean = round(statistics.mean(r["test_accuracy"] for r in rows), 6)
-        if method not in best or mean > best[method][1]:
-            best[method] = (lr, mean)
-    return {m: lr for m, (lr, _) in best.items()}
+        loss = statistics.mean(r["loss"] for r in rows) if tie_break == "loss" else 0.0
+        if method not in best or (mean, -loss) > (best[method][1], -best[method][2]):
+            best[method] = (lr, mean, loss)
+    return {m: lr for m, (lr, _, _) in best.items()}
+
+
+def ladder_step(rate: float, up: bool) -> float:
+    """The neighbour of a rate on the 1-3-10 ladder (1e-3 <-> 3e-3 <-> 1e-2 ...)."""
+    ones = f"{rate:.0e}"[0] == "1"
+    return float(f"{rate * (3.0 if ones else 10 / 3) if up else rate / (10 / 3 if ones else 3.0):.0e}")
 
 
 def parse_lrs(text: str) -> dict:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from liera.config import LieRAConfig  # noqa: E402
-from liera.targeting import find_targets  # noqa: E402
+from liera import find_targets  # noqa: E402
 from liera.apps.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
 from liera.apps.training import run_arm  # noqa: E402
 

@@ -27,7 +27,7 @@ from liera.apps.data import digits_1k, fashion_mnist_1k, textures_1k, to_model_i
 from liera.apps.demo import HEAD, TARGET_SETS as TARGETS, load_efficientnet_lite0
 from liera.apps.training import run_arm
 
-from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read
+from common import RANK_FREE, add_common_arguments, choose_rates, done, ladder_step, log, parse_lrs, read
 from common import records as load_records
 
 # widened where the best rate fell on an edge (the first grid was 3 rates per method)
@@ -52,10 +52,8 @@ def learned_updates(model) -> list:
 
     if not isinstance(model, LieRAModel):
         return []
-    with torch.no_grad():
-        return [(key, w, adapted.difference(w, adapted.live()))
-                for key, owner, adapted in model.adapted_weights()
-                for w in [adapted.owner_weight(owner).double()]]
+    weights = dict(model.base_model.named_parameters())
+    return [(key, weights[key].detach().double(), delta) for key, delta in model.delta_weights(dtype=torch.float64).items()]
 
 
 def update_ranks(updates: list, r: int) -> dict:
@@ -189,12 +187,6 @@ def widen(grids: dict, groups: dict) -> dict:
             rates.insert(0, ladder_step(rates[0], up=False))
         out[method] = rates
     return out
-
-
-def ladder_step(rate: float, up: bool) -> float:
-    """The neighbour of a rate on the 1-3-10 ladder (1e-3 <-> 3e-3 <-> 1e-2 ...)."""
-    ones = f"{rate:.0e}"[0] == "1"
-    return float(f"{rate * (3.0 if ones else 10 / 3) if up else rate / (10 / 3 if ones else 3.0):.0e}")
 
 
 def update_stats(updates: list) -> list:

@@ -9,8 +9,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .generators.base import LAYER_SCALINGS
-from .group import EXP_MAPS, UPDATES
+from .generators import LAYER_SCALINGS, get_generator
+from .group import TAYLOR, MULTIPLICATIVE, check_update, exp_map
+from .names import pattern_matches
+from .version import __version__
 
 LIBRARY = "liera"
 TARGET_SHORTCUTS = ("all-linear", "all-conv", "all")
@@ -50,8 +52,8 @@ class LieRAConfig:
     target_modules: Optional[Union[list[str], str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
     target_parameters: Optional[list[str]] = None
-    exp_map: str = "taylor"
-    update: str = "multiplicative"
+    exp_map: str = TAYLOR
+    update: str = MULTIPLICATIVE
     generator: str = "lora"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     dropout: float = 0.0
@@ -79,10 +81,11 @@ class LieRAConfig:
             raise ValueError(f"LieRAConfig: r must be a positive integer, got {self.r!r}; try r=8.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"LieRAConfig: alpha must be a positive number, got {self.alpha!r}; a common choice is alpha = 2 * r.")
-        if self.exp_map not in EXP_MAPS:
-            raise ValueError(f"LieRAConfig: unknown exp_map {self.exp_map!r}; use one of {list(EXP_MAPS)} ('taylor' is the paper's LieRA).")
-        if self.update not in UPDATES:
-            raise ValueError(f"LieRAConfig: unknown update {self.update!r}; use one of {list(UPDATES)}.")
+        try:
+            exp_map(self.exp_map)
+            check_update(self.update)
+        except ValueError as exc:
+            raise ValueError(f"LieRAConfig: {exc}") from None
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"LieRAConfig: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.adapter_dtype not in ADAPTER_DTYPES:
@@ -114,8 +117,6 @@ class LieRAConfig:
         for key, value in self.alpha_pattern.items():
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"LieRAConfig: alpha_pattern[{key!r}] must be a positive number, got {value!r}.")
-        from .generators import get_generator  # late import: generators import nothing from config
-
         get_generator(self.generator)  # raises with the list of known generators
 
     # ------------------------------------------------------------------ per-layer values
@@ -139,8 +140,6 @@ class LieRAConfig:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         data = dataclasses.asdict(self)
         data["library"] = LIBRARY
         data["liera_version"] = __version__
@@ -148,8 +147,6 @@ class LieRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LieRAConfig":
-        from . import __version__
-
         data = dict(data)
         library = data.pop("library", None)
         if library != LIBRARY:
@@ -174,17 +171,13 @@ class LieRAConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _name_matches(key: str, name: str) -> bool:
-    return name == key or name.endswith("." + key) or re.fullmatch(key, name) is not None
-
-
 def _key_matches(key: str, path: str, param_name: str) -> tuple[bool, bool]:
     """(matches, by the deprecated weight-key form). Keys name module paths, as in PEFT; a target parameter
     (anything but a module's "weight") may also be named by its own full name."""
-    if _name_matches(key, path):
+    if pattern_matches(key, path):
         return True, False
     full = f"{path}.{param_name}" if path else param_name
-    if _name_matches(key, full):
+    if pattern_matches(key, full):
         return True, param_name == "weight"
     return False, False
 

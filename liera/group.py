@@ -1,125 +1,151 @@
 """The Lie-group math of LieRA, as pure tensor functions (nothing here knows about modules).
 
 A weight W of any shape is an element of the abelian group of non-zero tensors under the Hadamard
-product. An adapter contributes an algebra element D (same shape as W) and acts through a *factor*:
+product. An adapter contributes an algebra element D (same shape as W) and acts through a *factor* g(D)
+given by its exp map:
 
 * ``exact``:  W_eff = W * exp(D)        (the exponential map)
 * ``taylor``: W_eff = W * (1 + D)       (its first-order form, the paper's default LieRA)
 
-Several adapters compose by multiplying their factors. For the exact map that is the same as adding
-their algebra elements (exp(D1) exp(D2) = exp(D1 + D2)); for the Taylor map the product keeps
-sequential and batch merges equal in any order. The ``additive`` update (W + D, plain LoRA) is the
-ablation: a different group (tensors under addition), kept here so arms differ only in the group op.
+Each map is one ``ExpMap`` record (factor, factor - 1, inverse, log) in ``EXP_MAPS``; ``exp_map(name)`` is the
+one place an unknown name is rejected. Several adapters compose by multiplying their factors. For the exact
+map that is the same as adding their algebra elements (exp(D1) exp(D2) = exp(D1 + D2)); for the Taylor map
+the product keeps sequential and batch merges equal in any order. The ``additive`` update (W + D, plain LoRA)
+is the ablation: a different group (tensors under addition), kept here so arms differ only in the group op.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-EXP_MAPS = ("taylor", "exact")
-UPDATES = ("multiplicative", "additive")
+TAYLOR, EXACT = "taylor", "exact"
+MULTIPLICATIVE, ADDITIVE = "multiplicative", "additive"
+UPDATES = (MULTIPLICATIVE, ADDITIVE)
 
-Term = tuple[Tensor, str]  # (algebra element D, exp_map)
+Term = tuple[Tensor, str]  # (algebra element D, exp_map name)
 
 
-def factor(delta: Tensor, exp_map: str) -> Tensor:
+@dataclass(frozen=True)
+class ExpMap:
+    """How an algebra element D acts: the factor g(D), g(D) - 1 without cancellation, g(D)^-1, and the log
+    that recovers D from a ratio W_eff / W. ``additive_algebra``: g(a) g(b) = g(a + b), so several such
+    adapters are summed in the algebra before one map. ``singular``: where g(D) can be (near) zero, a merge
+    there cannot be undone (None when g never vanishes)."""
+
+    name: str
+    factor: Callable[[Tensor], Tensor]
+    factor_minus_one: Callable[[Tensor], Tensor]
+    inverse: Callable[[Tensor], Tensor]
+    log: Callable[[Tensor], Tensor]
+    additive_algebra: bool
+    singular: Callable[[Tensor, float], Tensor] | None = None
+
+
+EXP_MAPS: dict[str, ExpMap] = {
+    TAYLOR: ExpMap(TAYLOR, lambda d: 1.0 + d, lambda d: d, lambda d: torch.reciprocal(1.0 + d),
+                   lambda ratio: ratio - 1.0, additive_algebra=False,
+                   singular=lambda d, eps: (1.0 + d).abs() < eps),
+    EXACT: ExpMap(EXACT, torch.exp, torch.expm1, lambda d: torch.exp(-d), torch.log, additive_algebra=True),
+}
+
+
+def exp_map(name: str) -> ExpMap:
+    """The exp map called ``name``; the one place an unknown name is rejected."""
+    try:
+        return EXP_MAPS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown exp_map {name!r}; use one of {list(EXP_MAPS)} ({TAYLOR!r} is the paper's "
+                         f"LieRA, {EXACT!r} the exponential map).") from None
+
+
+def check_update(update: str) -> str:
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; use one of {list(UPDATES)} ({ADDITIVE!r} is LoRA's W + D).")
+    return update
+
+
+def factor(delta: Tensor, name: str) -> Tensor:
     """The group element g(D) that multiplies W: exp(D) or 1 + D."""
-    if exp_map == "exact":
-        return torch.exp(delta)
-    if exp_map == "taylor":
-        return 1.0 + delta
-    raise ValueError(f"unknown exp_map {exp_map!r}; use one of {EXP_MAPS}")
+    return exp_map(name).factor(delta)
 
 
-def factor_minus_one(delta: Tensor, exp_map: str) -> Tensor:
+def factor_minus_one(delta: Tensor, name: str) -> Tensor:
     """g(D) - 1 without cancellation (expm1 for the exact map): W_eff - W = W * (g(D) - 1)."""
-    if exp_map == "exact":
-        return torch.expm1(delta)
-    if exp_map == "taylor":
-        return delta
-    raise ValueError(f"unknown exp_map {exp_map!r}; use one of {EXP_MAPS}")
+    return exp_map(name).factor_minus_one(delta)
 
 
-def inverse_factor(delta: Tensor, exp_map: str) -> Tensor:
+def inverse_factor(delta: Tensor, name: str) -> Tensor:
     """g(D)^-1, the factor that undoes g(D): exp(-D) or 1 / (1 + D)."""
-    if exp_map == "exact":
-        return torch.exp(-delta)
-    if exp_map == "taylor":
-        return torch.reciprocal(1.0 + delta)
-    raise ValueError(f"unknown exp_map {exp_map!r}; use one of {EXP_MAPS}")
+    return exp_map(name).inverse(delta)
 
 
 def combined_factor_minus_one(terms: Sequence[Term]) -> Tensor:
     """prod_i g_i(D_i) - 1 for several adapters, formed without cancellation.
 
-    Exact terms are summed in the algebra first (one expm1); Taylor factors are multiplied using
-    (1+a)(1+b) - 1 = a + b + a*b so that small updates keep their precision.
+    Terms of maps with an additive algebra (exact) are summed there first, one map per kind; the remaining
+    factors are multiplied using (1+a)(1+b) - 1 = a + b + a*b so that small updates keep their precision.
     """
-    exact = [d for d, m in terms if m == "exact"]
-    others = [(d, m) for d, m in terms if m != "exact"]
-    total: Tensor | None = None
-    if exact:
-        total = torch.expm1(sum(exact[1:], exact[0]))
-    for d, m in others:
-        e = factor_minus_one(d, m)
-        total = e if total is None else total + e + total * e
-    if total is None:
+    if not terms:
         raise ValueError("combined_factor_minus_one needs at least one term")
+    summed: dict[str, Tensor] = {}
+    parts: list[Tensor] = []
+    for d, name in terms:
+        m = exp_map(name)
+        if m.additive_algebra:
+            summed[name] = d if name not in summed else summed[name] + d
+        else:
+            parts.append(m.factor_minus_one(d))
+    parts = [EXP_MAPS[name].factor_minus_one(d) for name, d in summed.items()] + parts
+    total = parts[0]
+    for e in parts[1:]:
+        total = total + e + total * e
     return total
 
 
-def apply(weight: Tensor, terms: Sequence[Term], update: str = "multiplicative") -> Tensor:
+def delta_weight(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
+    """W_eff - W, computed without forming W_eff (what a dropout branch or a merge needs)."""
+    if check_update(update) == ADDITIVE:
+        deltas = [d for d, _ in terms]
+        return sum(deltas[1:], deltas[0])
+    return weight * combined_factor_minus_one(terms)
+
+
+def apply(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
     """The effective weight W_eff for the given adapters (empty terms: W itself)."""
     if not terms:
         return weight
-    if update == "multiplicative":  # W + W * (g - 1) in one fused pass
+    if check_update(update) == MULTIPLICATIVE:  # W + W * (g - 1) in one fused pass
         return torch.addcmul(weight, weight, combined_factor_minus_one(terms))
     return weight + delta_weight(weight, terms, update)
 
 
-def delta_weight(weight: Tensor, terms: Sequence[Term], update: str = "multiplicative") -> Tensor:
-    """W_eff - W, computed without forming W_eff (what a dropout branch or a merge needs)."""
-    if update == "additive":
-        deltas = [d for d, _ in terms]
-        return sum(deltas[1:], deltas[0])
-    if update == "multiplicative":
-        return weight * combined_factor_minus_one(terms)
-    raise ValueError(f"unknown update {update!r}; use one of {UPDATES}")
-
-
-def unapply(weight_eff: Tensor, terms: Sequence[Term], update: str = "multiplicative") -> Tensor:
+def unapply(weight_eff: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
     """The group inverse action: recover W from W_eff (no stored copy of W needed)."""
     if not terms:
         return weight_eff
-    if update == "additive":
-        deltas = [d for d, _ in terms]
-        return weight_eff - sum(deltas[1:], deltas[0])
-    if update != "multiplicative":
-        raise ValueError(f"unknown update {update!r}; use one of {UPDATES}")
+    if check_update(update) == ADDITIVE:
+        return weight_eff - delta_weight(weight_eff, terms, update)
     inv = None
-    for d, m in terms:
-        f = inverse_factor(d, m)
+    for d, name in terms:
+        f = inverse_factor(d, name)
         inv = f if inv is None else inv * f
     return weight_eff * inv
 
 
-def log(weight_eff: Tensor, weight: Tensor, exp_map: str) -> Tensor:
+def log(weight_eff: Tensor, weight: Tensor, name: str) -> Tensor:
     """The algebra element that maps W to W_eff: log(W_eff / W) or W_eff / W - 1 (where W != 0)."""
-    ratio = weight_eff / weight
-    if exp_map == "exact":
-        return torch.log(ratio)
-    if exp_map == "taylor":
-        return ratio - 1.0
-    raise ValueError(f"unknown exp_map {exp_map!r}; use one of {EXP_MAPS}")
+    return exp_map(name).log(weight_eff / weight)
 
 
 def near_singular(terms: Iterable[Term], eps: float = 1e-6) -> Tensor | None:
-    """Mask of entries whose Taylor factor 1 + D is (nearly) zero: a merge there cannot be undone."""
+    """Mask of entries whose factor is (nearly) zero (Taylor's 1 + D): a merge there cannot be undone."""
     mask = None
-    for d, m in terms:
-        if m == "taylor":
-            bad = (1.0 + d).abs() < eps
+    for d, name in terms:
+        test = exp_map(name).singular
+        if test is not None:
+            bad = test(d, eps)
             mask = bad if mask is None else mask | bad
     return mask

@@ -1,19 +1,23 @@
-"""Which weight tensors of a model a config adapts. Pure lookup: nothing here changes the model."""
+"""Which tensors of a model a config touches: the weights it adapts (``find_targets``, and ``plan_adapter`` with
+the generator each one gets) and the parameters it trains in full (``saved_parameters``, modules_to_save).
+Nothing here changes the model: LieRAModel attaches a plan only after every check passed."""
 from __future__ import annotations
 
 import difflib
-import re
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .config import TARGET_SHORTCUTS, LieRAConfig
-from .layers import LayerKind, kind_of, supported_kinds_text
-from .weight import AdaptedWeight
 from .generators import Generator
+from .layers import LayerKind, kind_of, supported_kinds_text
+from .names import name_matches
+from .weight import ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, build_adapter, is_sharded
 
-Spec = Optional[Union[str, list[str]]]
+MODULES_TO_SAVE = "modules_to_save"  # file keys of tensors trained in full: "modules_to_save.<path>.<name>"
 
 
 @dataclass
@@ -30,18 +34,16 @@ class Target:
         """The weight's full name, also used for rank/alpha patterns and file keys."""
         return f"{self.path}.{self.param_name}" if self.path else self.param_name
 
+    @property
+    def weight(self) -> Tensor:
+        return self.owner._parameters[self.param_name]
+
 
 def _named_modules(model: nn.Module):
     for name, module in model.named_modules():
-        if isinstance(module, (AdaptedWeight, Generator)) or ".liera_" in f".{name}":
+        if isinstance(module, (AdaptedWeight, Generator)) or f".{ADAPTER_PREFIX}" in f".{name}":
             continue
         yield name, module
-
-
-def _name_matches(name: str, spec: Union[str, list[str]]) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def _output_head(model: nn.Module) -> Optional[nn.Module]:
@@ -82,8 +84,10 @@ def _closest(wanted: list[str], names: list[str]) -> str:
     return ", ".join(hints)
 
 
-def find_targets(model: nn.Module, config: LieRAConfig) -> list[Target]:
-    """All weights the config adapts, in model order. Raises ValueError with a fix for bad targets."""
+def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) -> list[Target]:
+    """All weights the config adapts, in model order. Raises ValueError with a fix for bad targets. An entry of a
+    target_modules list that matches no module warns with the closest names (raises with ``strict``), since a
+    typo would otherwise leave a layer silently unadapted."""
     modules = list(_named_modules(model))
     spec, exclude = config.target_modules, config.exclude_modules
     head = _output_head(model) if spec in TARGET_SHORTCUTS else None
@@ -94,13 +98,13 @@ def find_targets(model: nn.Module, config: LieRAConfig) -> list[Target]:
         if not name or spec is None:
             continue
         if exclude is not None and (_shortcut_matches(exclude, module, None) if exclude in TARGET_SHORTCUTS
-                                    else _name_matches(name, exclude)):
+                                    else name_matches(name, exclude)):
             continue
         if spec in TARGET_SHORTCUTS:
             # a shortcut never adapts a module that is trained in full anyway (a classifier head, say)
-            if not _shortcut_matches(spec, module, head) or _name_matches(name, trained_in_full):
+            if not _shortcut_matches(spec, module, head) or name_matches(name, trained_in_full):
                 continue
-        elif not _name_matches(name, spec):
+        elif not name_matches(name, spec):
             continue
         kind = kind_of(module)
         if kind is None:
@@ -119,7 +123,7 @@ def find_targets(model: nn.Module, config: LieRAConfig) -> list[Target]:
         for name, module in modules:
             for pname, param in module.named_parameters(recurse=False):
                 full = f"{name}.{pname}" if name else pname
-                if not (full == wanted or full.endswith("." + wanted)):
+                if not name_matches(full, [wanted]):
                     continue
                 found = True
                 if param.dim() < 2:
@@ -134,6 +138,15 @@ def find_targets(model: nn.Module, config: LieRAConfig) -> list[Target]:
             raise ValueError(f"target_parameters entry {wanted!r} matches no parameter of the model; "
                              f"closest parameter names: {_closest([wanted], names)}.")
 
+    if targets and isinstance(spec, list):
+        names = [n for n, _ in modules if n]
+        unused = [w for w in spec if not any(name_matches(n, [w]) for n in names)]
+        if unused:
+            message = (f"target_modules entries {unused} match no module of {type(model).__name__} (the other entries "
+                       f"adapt {len(targets)} weights); closest module names: {_closest(unused, names)}.")
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + " Pass strict=True to make this an error.", UserWarning, stacklevel=4)
     if not targets:
         wanted = spec if isinstance(spec, list) else [str(spec)]
         raise ValueError(f"target_modules={spec!r} matches no supported module of {type(model).__name__}"
@@ -141,3 +154,64 @@ def find_targets(model: nn.Module, config: LieRAConfig) -> list[Target]:
                          f"{_closest(wanted, [n for n, _ in modules if n])}. Supported module types: "
                          f"{supported_kinds_text()}.")
     return targets
+
+
+def saved_modules(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Module]:
+    """path -> module for the config's modules_to_save (trained in full, stored with the adapter)."""
+    found = {}
+    for wanted in config.modules_to_save or []:
+        hits = {n: m for n, m in model.named_modules() if n and name_matches(n, [wanted])}
+        if not hits:
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; closest module names: "
+                             f"{_closest([wanted], [n for n, _ in _named_modules(model) if n])}.")
+        found.update(hits)
+    return found
+
+
+def saved_parameters(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Parameter]:
+    """File key -> parameter of the modules trained in full (their own, never liera's adapter tensors)."""
+    out = {}
+    for path, module in saved_modules(model, config).items():
+        for pname, p in module.named_parameters():
+            if not any(part.startswith(ADAPTER_PREFIX) for part in pname.split(".")):
+                out[f"{MODULES_TO_SAVE}.{path}.{pname}"] = p
+    return out
+
+
+def zero_entries(targets: list[Target]) -> tuple[int, int, list[str]]:
+    """(entries exactly zero, all entries, "layer (count)" per layer with zeros): weights a multiplicative update
+    cannot move."""
+    total = zeros = 0
+    layers = []
+    for t in targets:
+        z = int((t.weight == 0).sum())
+        total += t.weight.numel()
+        zeros += z
+        if z:
+            layers.append(f"{t.key} ({z})")
+    return zeros, total, layers
+
+
+def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) -> list[tuple[Target, Generator,
+                                                                                      AdapterSettings]]:
+    """(target, generator, settings) for every weight the config adapts, built but not attached."""
+    targets = find_targets(model, config, strict=strict)
+    for field_name, keys in config.unmatched_patterns([(t.path, t.param_name) for t in targets]).items():
+        warnings.warn(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
+                      f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), "
+                      f"as in PEFT.", UserWarning, stacklevel=4)
+    plan = []
+    for target in targets:
+        weight = target.weight
+        if is_sharded(weight):
+            raise ValueError(f"{target.key} is already sharded (a DTensor: fully_shard or tensor parallelism ran "
+                             f"before liera). Wrap first, then shard: get_liera_model(model, cfg), then "
+                             f"fully_shard(...) on the wrapped model, so that the adapter tensors are sharded and "
+                             f"their gradients reduced with the rest.")
+        dtype = torch.float32 if config.adapter_dtype == "float32" and weight.is_floating_point() \
+            and weight.element_size() < 4 else weight.dtype
+        try:
+            plan.append((target, *build_adapter(config, target.path, target.param_name, weight, dtype)))
+        except ValueError as exc:
+            raise ValueError(f"{target.key}: {exc}") from None
+    return plan

@@ -26,7 +26,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import group
 from .autograd import recomputed_op
-from .generators import Generator
+from .config import LieRAConfig
+from .generators import Generator, build_generator
+from .group import MULTIPLICATIVE, TAYLOR
 from .layers import BINDERS
 
 ADAPTER_PREFIX = "liera_"
@@ -43,27 +45,65 @@ _METADATA_METHODS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tenso
 class AdapterSettings:
     """Per-adapter switches that the group map needs (the rest lives in the generator)."""
 
-    exp_map: str = "taylor"
-    update: str = "multiplicative"
+    exp_map: str = TAYLOR
+    update: str = MULTIPLICATIVE
     dropout: float = 0.0
     fast_path: bool = True
     update_branch: str = "merged"
 
+    @classmethod
+    def from_config(cls, config: LieRAConfig) -> "AdapterSettings":
+        return cls(config.exp_map, config.update, float(config.dropout), config.fast_path, config.update_branch)
+
+
+def is_sharded(tensor) -> bool:
+    """Whether a tensor is a DTensor (sharded by FSDP2 or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def build_adapter(config: LieRAConfig, path: str, param_name: str, weight: Tensor,
+                  dtype: Optional[torch.dtype] = None) -> tuple[Generator, AdapterSettings]:
+    """The one place a config becomes the adapter of one weight (its generator and settings): the model and the
+    model-free tools (`liera merge`, `liera inspect`) both build through here."""
+    return build_generator(config, path, param_name, weight.detach(), dtype), AdapterSettings.from_config(config)
+
 
 class AdaptedWeight(nn.ModuleDict):
-    """The adapters (name -> Generator) of one weight, with their active / merged state."""
+    """The adapters (name -> Generator) of one weight, and their state: which act (active), which are merged
+    into the weight, whether all are switched off (disabled). Only the methods below change that state, and
+    each keeps the eval-mode weight cache right."""
 
     def __init__(self, param_name: str) -> None:
         super().__init__()
         self.param_name = param_name
         self.settings: dict[str, AdapterSettings] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self.merge_copy: Optional[Tensor] = None  # only with keep_merge_copy=True
+        self._active: list[str] = []
+        self._merged: list[str] = []
+        self._disabled = False
+        self._merge_copy: Optional[Tensor] = None  # only with keep_merge_copy=True
         self._cache: Optional[tuple[tuple, Tensor]] = None
 
     # ------------------------------------------------------------------ state
+    @property
+    def active(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def merged(self) -> list[str]:
+        return list(self._merged)
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @property
+    def has_merge_copy(self) -> bool:
+        return self._merge_copy is not None
+
     def add(self, name: str, generator: Generator, settings: AdapterSettings) -> None:
         self[name] = generator
         self.settings[name] = settings
@@ -71,14 +111,32 @@ class AdaptedWeight(nn.ModuleDict):
     def remove(self, name: str) -> None:
         del self[name]
         self.settings.pop(name, None)
-        self.active = [n for n in self.active if n != name]
+        self._active = [n for n in self._active if n != name]
         self._cache = None
+
+    def check_activate(self, names: Sequence[str]) -> list[str]:
+        """The names present here, checked to compose (raises before any state changes)."""
+        present = [n for n in names if n in self._modules]
+        if len(present) > 1:
+            self.update_kind(present)
+        return present
+
+    def activate(self, names: Sequence[str]) -> None:
+        """Make these adapters (those present here) the ones that act in forward."""
+        self._active = self.check_activate(names)
+        self._cache = None
+
+    def set_disabled(self, flag: bool) -> bool:
+        """Switch every adapter off (True) or back on; returns the previous flag."""
+        before, self._disabled = self._disabled, bool(flag)
+        self._cache = None
+        return before
 
     def live(self) -> list[str]:
         """Adapters that act in forward: active, present here, not merged, not disabled."""
-        if self.disabled:
+        if self._disabled:
             return []
-        return [n for n in self.active if n in self._modules and n not in self.merged]
+        return [n for n in self._active if n in self._modules and n not in self._merged]
 
     def train(self, mode: bool = True) -> "AdaptedWeight":
         self._cache = None  # train()/eval() invalidate the eval-mode weight cache
@@ -86,6 +144,60 @@ class AdaptedWeight(nn.ModuleDict):
 
     def owner_weight(self, owner: nn.Module) -> Tensor:
         return owner._parameters[self.param_name]
+
+    def to_merge(self, names: Sequence[str]) -> list[str]:
+        """Of these adapters, those present here and not merged yet (checked to compose with the merged ones)."""
+        todo = [n for n in names if n in self._modules and n not in self._merged]
+        if todo:
+            self.update_kind(self._merged + todo)
+        return todo
+
+    @torch.no_grad()
+    def check_merge(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype, where: str) -> None:
+        """Raise ValueError if merging would give non-finite values or could not be undone; changes nothing."""
+        new = self.merged_weight(weight, names, dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"safe_merge: merging {list(names)} into {where} gives non-finite values; no weight was "
+                             f"changed.")
+        bad = group.near_singular(self.terms(names, dtype))
+        if bad is not None and bad.any():
+            raise ValueError(f"safe_merge: {int(bad.sum())} entries of {where} have a Taylor factor 1 + D near 0; "
+                             f"unmerging could not recover them, so nothing was merged.")
+
+    @torch.no_grad()
+    def merge(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype = torch.float32,
+              keep_copy: bool = False) -> int:
+        """W <- W * g(D) in place for these adapters; returns how many entries cannot be unmerged exactly."""
+        if keep_copy and self._merge_copy is None:
+            self._merge_copy = weight.detach().clone()
+        bad = group.near_singular(self.terms(names, dtype))
+        weight.copy_(self.merged_weight(weight, names, dtype))
+        self._merged = self._merged + list(names)
+        self._cache = None
+        return 0 if bad is None else int(bad.sum())
+
+    @torch.no_grad()
+    def unmerge(self, weight: Tensor, names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32) -> None:
+        """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""
+        todo = [n for n in self._merged if names is None or n in names]
+        if not todo:
+            return
+        if self._merge_copy is not None and len(todo) == len(self._merged):
+            weight.copy_(self._merge_copy)
+            self._merge_copy = None
+        else:
+            weight.copy_(self.unmerged_weight(weight, todo, dtype))
+        self._merged = [n for n in self._merged if n not in todo]
+        self._cache = None
+
+    @torch.no_grad()
+    def delta(self, weight: Tensor, names: Optional[Sequence[str]] = None,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+        """The learned update W_eff - W of these adapters (default: the live ones), in ``dtype`` or wider."""
+        names = self.live() if names is None else list(names)
+        if not names:
+            return torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype))
+        return self.difference(weight.to(torch.promote_types(weight.dtype, dtype)), names)
 
     # ------------------------------------------------------------------ the math
     def _compute_dtype(self, weight: Tensor, names: Sequence[str]) -> torch.dtype:
@@ -95,7 +207,7 @@ class AdaptedWeight(nn.ModuleDict):
                 dtype = torch.promote_types(dtype, p.dtype)
         return dtype
 
-    def _update_kind(self, names: Sequence[str]) -> str:
+    def update_kind(self, names: Sequence[str]) -> str:
         kinds = {self.settings[n].update for n in names}
         if len(kinds) > 1:
             raise ValueError(f"adapters {list(names)} on {self.param_name!r} mix updates {sorted(kinds)}: an additive and "
@@ -133,7 +245,7 @@ class AdaptedWeight(nn.ModuleDict):
 
     def _group_updated(self, weight: Tensor, names: Sequence[str], cd: torch.dtype, bound: list) -> Tensor:
         """V = W * prod g(D_i) (or W + sum D_i), in the compute dtype, before any generator transform."""
-        return group.apply(weight.to(cd), self.terms(names, cd, bound=bound), self._update_kind(names))
+        return group.apply(weight.to(cd), self.terms(names, cd, bound=bound), self.update_kind(names))
 
     def has_transform(self, names: Sequence[str]) -> bool:
         return any(type(self[n]).transform is not Generator.transform for n in names)
@@ -170,7 +282,7 @@ class AdaptedWeight(nn.ModuleDict):
         out = weight.to(cd)
         for n in reversed(list(names)):
             out = self[n].unmerge_transform(out)
-        return group.unapply(out, self.terms(names, cd), self._update_kind(names)).to(weight.dtype)
+        return group.unapply(out, self.terms(names, cd), self.update_kind(names)).to(weight.dtype)
 
     def difference(self, weight: Tensor, names: Sequence[str], tensors: Optional[Sequence[Tensor]] = None,
                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -180,13 +292,13 @@ class AdaptedWeight(nn.ModuleDict):
         if self.has_transform(names):
             return (self.effective(weight, names, cd, tensors, out_dtype=cd) - w).to(out_dtype or weight.dtype)
         terms = self.terms(names, cd, tensors=tensors)
-        return group.delta_weight(w, terms, self._update_kind(names)).to(out_dtype or weight.dtype)
+        return group.delta_weight(w, terms, self.update_kind(names)).to(out_dtype or weight.dtype)
 
     def effective_rows(self, weight: Tensor, index: Tensor, names: Sequence[str]) -> Tensor:
         """W_eff[index] from the gathered rows only (embeddings)."""
         cd = self._compute_dtype(weight, names)
         rows = F.embedding(index, weight).to(cd)
-        out = group.apply(rows, self.terms(names, cd, index), self._update_kind(names))
+        out = group.apply(rows, self.terms(names, cd, index), self.update_kind(names))
         return out.to(weight.dtype)
 
     # ------------------------------------------------------------------ the redirect

@@ -1,4 +1,4 @@
-"""The peft-lora arm: PEFT's LoRA on EfficientNet-Lite0 with liera's LoRA target set (liera.apps.peft_lora)."""
+"""The peft-lora arm: PEFT's LoRA on EfficientNet-Lite0 with liera's LoRA target set (liera.apps.peft_arms)."""
 import copy
 
 import pytest
@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 
 from liera.apps.demo import HEAD, load_efficientnet_lite0  # noqa: E402
-from liera.apps.peft_lora import GroupedConv2d, GroupedConvLora, plain_convs  # noqa: E402
+from liera.apps.peft_arms import GroupedConv2d, GroupedConvLora, plain_convs  # noqa: E402
 from liera.apps.training import prepare_arm, trainable_count  # noqa: E402
 
 STEM_AND_DEPTHWISE = r"_conv_stem|_blocks\.\d+\._depthwise_conv"

@@ -28,9 +28,10 @@ def _merge(args) -> int:
     import torch
 
     from ..integrations.statedict import merge_file
+    from .progress import progress
 
     stats = merge_file(args.base, args.adapter, args.out, dtype=torch.float64 if args.float64 else torch.float32,
-                       progress=not args.no_progress)
+                       progress=None if args.no_progress else lambda items, desc: progress(items, desc))
     print(f"wrote {args.out}: {stats['merged']} weights merged, {stats['replaced']} replaced (modules_to_save), "
           f"{stats['copied']} copied")
     return 0

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .data import fashion_mnist_1k, to_model_input
-from .training import METHODS, ArmResult, run_arm
+from .methods import METHODS
+from .training import ArmResult, run_arm
 
 # chosen on a validation split of the 1,000 training images, mean over 2 seeds, ties to the lower rate; the
 # grid was widened wherever the best rate sat on its edge (experiments/vision.py --stage select, docs/results.md;

@@ -1,30 +1,27 @@
-"""Method arms and a small training loop shared by `liera demo`, `liera finetune` and the experiments.
+"""The method arms and a small training loop shared by `liera demo`, `liera finetune` and the experiments.
 
-Every arm trains the same classifier head; the arms differ only in what else trains:
-linear-probe (nothing), lora (liera's generator with the additive update, i.e. LoRA), liera-taylor and
-liera-exact (the multiplicative update), liera-rms (Taylor with layer_scaling="rms": each layer's D scaled by
-1 / rms(W)), full (every weight), and peft-lora (PEFT's own LoRA, as an outside reference, when peft is
-installed).
+Every arm of a classifier trains the same head; the arms differ only in what else trains, as the method table
+(liera.apps.methods) says: nothing (linear-probe), one of liera's adapters (lora, liera-taylor, liera-exact,
+liera-rms), every weight (full), or PEFT's own adapter (peft-lora, peft-dora, peft-hira) as an outside reference.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LieRAConfig
-from ..progress import progress
-from .memory import TensorMemory
 from ..model import get_liera_model
 from ..targeting import find_targets
-
-METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full", "peft-lora")
+from .memory import TensorMemory
+from .methods import FULL, LIERA, PEFT, PROBE, Method, get_method
+from .progress import progress
 
 
 @dataclass
@@ -44,44 +41,53 @@ class ArmResult:
         return asdict(self)
 
 
-def prepare_arm(method: str, model: nn.Module, *, head: str, r: int, alpha: float,
-                target_modules, generator: str = "lora", dropout: float = 0.0) -> tuple[nn.Module, str]:
-    """Set up `model` (in place) for one method; return the module to train and a note."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}.")
-    note = ""
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, note
-    if method == "linear-probe":
+def prepare_arm(method: Union[str, Method], model: nn.Module, *, r: int, alpha: float, target_modules,
+                head: Optional[str] = None, generator: str = "lora", dropout: float = 0.0,
+                full_scope: str = "all") -> tuple[nn.Module, str]:
+    """Set up `model` (in place) for one method; return the module to train and a note.
+
+    head: a module trained in full by every arm (None: no head, as for a language model's own output layer).
+    full_scope: what the full arm trains, "all" parameters or only the "targets" weights (as a cost reference).
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    if method.family == FULL:
+        if full_scope == "targets":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            cfg = method_free_config(r, target_modules, head)
+            for t in find_targets(model, cfg):
+                t.owner._parameters[t.param_name].requires_grad_(True)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return model, ""
+    if method.family == PROBE:
+        if head is None:
+            raise ValueError("the linear probe needs a head to train")
         for p in model.parameters():
             p.requires_grad_(False)
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
-        return model, note
-    if method == "peft-lora":
-        return _peft_lora(model, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
-    cfg = LieRAConfig(r=r, alpha=alpha, target_modules=target_modules, modules_to_save=[head], generator=generator,
-                      dropout=dropout, exp_map="exact" if method == "liera-exact" else "taylor",
-                      update="additive" if method == "lora" else "multiplicative",
-                      layer_scaling="rms" if method == "liera-rms" else "none")
-    import warnings
-
+        return model, ""
+    if method.family == PEFT:
+        try:
+            from .peft_arms import peft_arm
+        except ImportError as exc:
+            raise RuntimeError("PEFT's arms need peft: pip install peft") from exc
+        return peft_arm(model, method, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
+    assert method.family == LIERA
+    cfg = method.liera_config(r=r, alpha=alpha, target_modules=target_modules, generator=generator, dropout=dropout,
+                              modules_to_save=[head] if head else None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exactly zero.*")
-        return get_liera_model(model, cfg), note
+        return get_liera_model(model, cfg), ""
 
 
-def _peft_lora(model, *, head, r, alpha, target_modules, dropout):
-    """PEFT's LoRA on the layers liera's LoRA arm adapts (liera.apps.peft_lora, imported only here)."""
-    try:
-        import peft  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError("peft is not installed (pip install peft)") from exc
-    from .peft_lora import peft_lora_model
+def method_free_config(r: int, target_modules, head: Optional[str] = None):
+    """A LieRAConfig that only says which weights `target_modules` names (the head left out)."""
+    from ..config import LieRAConfig
 
-    return peft_lora_model(model, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
+    return LieRAConfig(r=r, target_modules=target_modules, exclude_modules=[head] if head else None)
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -82,6 +82,11 @@ class Generator(nn.Module):
         """D[index] (rows of the first axis); override when it can be formed without all of D."""
         return self.delta()[index]
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) with D = reshape(B @ A, W.shape), the scaling folded into B, for generators whose D is one
+        low-rank product (what a format without a scale, such as PEFT's HiRA, stores); others raise."""
+        raise NotImplementedError(f"generator {self.name!r} has no single low-rank product B @ A")
+
     def transform(self, w_eff: Tensor, weight: Tensor) -> Tensor:
         """Post-process the group-updated weight (identity except for decompositions such as DoRA)."""
         return w_eff

@@ -33,6 +33,9 @@ class LoRAGenerator(Generator):
         # scale the small factor, not the weight-sized product (one weight-sized pass less, three per step)
         return ((self.lora_B * self.scaling) @ self.lora_A).reshape(self.shape)
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_B * self.scaling, self.lora_A
+
     def delta_rows(self, index: Tensor) -> Tensor:
         rows = (self.lora_B[index] * self.scaling) @ self.lora_A  # cost tokens x in x r, not vocabulary x in x r
         return rows.reshape(*index.shape, *self.shape[1:])

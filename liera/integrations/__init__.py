@@ -1,6 +1,6 @@
 """Bridges to other tools, each importing its tool only when used:
 
-* ``peft``: export a LieRA-Taylor adapter as a PEFT HiRA adapter and import one back (``export_peft``,
+* ``hira``: export a LieRA-Taylor adapter as a PEFT HiRA adapter and import one back (``export_peft``,
   ``import_peft``);
 * ``trainer``: ``LieRATrainer`` and ``LieRASaveCallback`` for the Hugging Face ``transformers.Trainer``;
 * ``statedict``: merge an adapter into a safetensors state dict without the model's code, and inspect an
@@ -10,7 +10,7 @@ diffusers models need no bridge: a UNet is a plain nn.Module (docs/interop.md).
 """
 from __future__ import annotations
 
-_LAZY = {"export_peft": "peft", "import_peft": "peft", "LieRATrainer": "trainer", "LieRASaveCallback": "trainer",
+_LAZY = {"export_peft": "hira", "import_peft": "hira", "LieRATrainer": "trainer", "LieRASaveCallback": "trainer",
          "merge_file": "statedict", "inspect_adapter": "statedict"}
 __all__ = sorted(_LAZY)
 

@@ -10,15 +10,17 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
 from .. import io
-from ..generators import build_generator
-from ..weight import AdaptedWeight, AdapterSettings
+from ..targeting import MODULES_TO_SAVE
+from ..weight import AdaptedWeight, build_adapter
 
 PathLike = Union[str, os.PathLike]
+SAVED = MODULES_TO_SAVE + "."
+ADAPTER = "adapter"  # the one adapter of a file, under a local name
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -43,23 +45,23 @@ def _adapters_by_weight(adapter_dir: PathLike):
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys = sorted(shapes, key=len, reverse=True)
     for k, t in tensors.items():
-        if k.startswith("modules_to_save."):
+        if k.startswith(SAVED):
             continue
         owner = next((w for w in keys if k.startswith(w + ".")), None)
         if owner is None:
             raise ValueError(f"adapter tensor {k!r} belongs to no recorded weight; the adapter was saved without "
                              f"weight shapes (liera < 0.1) or is damaged. Load it on the model and merge there.")
         grouped.setdefault(owner, {})[k[len(owner) + 1:]] = t
-    saved = {k[len("modules_to_save."):]: t for k, t in tensors.items() if k.startswith("modules_to_save.")}
+    saved = {k[len(SAVED):]: t for k, t in tensors.items() if k.startswith(SAVED)}
     return config, grouped, shapes, saved
 
 
 def _generator(config, key: str, weight: torch.Tensor, state: dict):
     path, _, param_name = key.rpartition(".")
-    gen = build_generator(config, path, param_name, weight, dtype=next(iter(state.values())).dtype)
-    gen.load_state_dict(state)
-    adapted = AdaptedWeight(key.rsplit(".", 1)[-1])
-    adapted.add("adapter", gen, AdapterSettings(config.exp_map, config.update))
+    generator, settings = build_adapter(config, path, param_name, weight, dtype=next(iter(state.values())).dtype)
+    generator.load_state_dict(state)
+    adapted = AdaptedWeight(param_name)
+    adapted.add(ADAPTER, generator, settings)
     return adapted
 
 
@@ -83,7 +85,7 @@ def _match_keys(adapter_keys, base_keys) -> dict[str, str]:
 
 
 def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torch.dtype = torch.float32,
-               progress: bool = True) -> dict:
+               progress: Optional[Callable[[Iterable, str], Iterable]] = None) -> dict:
     """Merge an adapter into a safetensors state dict and write a new file atomically."""
     base, out = Path(base), Path(out)
     if not base.is_file():
@@ -102,8 +104,6 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
             raise ValueError(f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}.")
     by_base = {b: k for k, b in mapping.items()}
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    from ..progress import progress as bar
-
     stats = {"merged": 0, "replaced": 0, "copied": 0}
 
     def write(tmp: str) -> None:
@@ -111,7 +111,7 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
             blob = json.dumps({**({"__metadata__": meta} if meta else {}), **header}, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
             dst.write(struct.pack("<Q", len(blob)) + blob)
-            for key in bar(order, desc="merge", enabled=progress):
+            for key in (progress(order, "merge") if progress else order):
                 info = header[key]
                 start, end = info["data_offsets"]
                 src.seek(data_start + start)
@@ -128,7 +128,7 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
                     if k in grouped:
                         with torch.no_grad():
                             adapted = _generator(config, k, new, grouped[k])
-                            new = adapted.merged_weight(new, ["adapter"], dtype)
+                            new = adapted.merged_weight(new, [ADAPTER], dtype)
                         if not torch.isfinite(new).all():
                             raise ValueError(f"merging into {key!r} gives non-finite values; nothing was written.")
                         stats["merged"] += 1
@@ -154,7 +154,7 @@ def inspect_adapter(adapter_dir: PathLike) -> str:
     for key in sorted(grouped):
         shape = shapes[key]
         adapted = _generator(config, key, torch.ones(shape), grouped[key])  # the weight only gives the shape
-        gen = adapted["adapter"]
+        gen = adapted[ADAPTER]
         with torch.no_grad():
             d = gen.delta().double()
         n = sum(p.numel() for p in gen.parameters())  # trained tensors only (not a layer_scale buffer)

@@ -37,7 +37,7 @@ _STR = ("data", "model", "out", "method", "exp_map", "generator", "head", "text_
 # ====================================================================== command line
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `liera finetune` on the subparsers of the `liera` command."""
-    from ..training import METHODS
+    from ..methods import METHODS
     from . import __doc__ as description  # the package's docstring: what `liera finetune --help` shows
 
     p = subparsers.add_parser(

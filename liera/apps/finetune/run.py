@@ -17,6 +17,7 @@ from torch import nn
 
 from ... import __version__
 from .. import training
+from ..methods import get_method
 from ...config import LieRAConfig
 from ..data import to_model_input
 from ..memory import TensorMemory
@@ -99,8 +100,7 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
         raise ValueError(f"no data given: pass --data (an image folder, .npz, .csv or .jsonl, or "
                          f"{' / '.join(BUILTIN_DATA)}).")
     method = opts["method"]
-    if method not in training.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(training.METHODS)}.")
+    get_method(method)  # an unknown name: ValueError listing the methods
     if opts["exp_map"] is not None:
         if opts["exp_map"] not in ("taylor", "exact"):
             raise ValueError(f"unknown exp-map {opts['exp_map']!r}; use taylor or exact.")

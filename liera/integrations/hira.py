@@ -17,15 +17,16 @@ from torch import nn
 
 from .. import io
 from ..config import LieRAConfig
-from ..model import MODULES_TO_SAVE, LieRAModel
+from ..group import MULTIPLICATIVE, TAYLOR
+from ..layers import kind_of
+from ..model import LieRAModel
+from ..targeting import MODULES_TO_SAVE
 
 PREFIX = "base_model.model."
 PathLike = Union[str, os.PathLike]
 
 
 def _kind(owner: nn.Module) -> str:
-    from ..layers import kind_of
-
     kind = kind_of(owner)
     if kind is None:
         return "parameter"
@@ -37,13 +38,12 @@ def _kind(owner: nn.Module) -> str:
 
 def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optional[str] = None) -> None:
     """Write the adapter as a PEFT HiRA adapter that ``peft.PeftModel.from_pretrained`` loads."""
-    name = adapter_name or model.active_adapters[0]
-    model._check_known([name])
+    name = model.known(adapter_name or model.active_adapters[0])[0]
     cfg = model.peft_config[name]
     why = []
-    if cfg.exp_map != "taylor":
+    if cfg.exp_map != TAYLOR:
         why.append("exp_map='exact' (HiRA is the first-order Taylor map W + W * D)")
-    if cfg.update != "multiplicative":
+    if cfg.update != MULTIPLICATIVE:
         why.append("update='additive' (that is LoRA, not HiRA; export it as a PEFT LoRA adapter instead)")
     if cfg.generator != "lora":
         why.append(f"generator={cfg.generator!r} (HiRA's D is a plain B @ A)")
@@ -63,7 +63,7 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optio
         if getattr(owner, "groups", 1) > 1:
             why.append(f"{key} is a grouped/depthwise convolution (HiRA refuses groups > 1)")
             continue
-        a, b = gen.lora_A.detach().float(), gen.lora_B.detach().float() * gen.scaling
+        b, a = (f.detach().float() for f in gen.factors())
         layers.append((path, kind, owner, a, b))
     if why:
         raise ValueError("this adapter has no exact PEFT HiRA equivalent: " + "; ".join(why[:6]) +
@@ -155,7 +155,7 @@ def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = "defa
     for key, t in saved.items():
         tensors[f"{MODULES_TO_SAVE}.{key}"] = t
     r = int(peft_cfg.get("r") or max(ranks.values()))
-    config = LieRAConfig(r=r, alpha=float(r), target_modules=sorted(ranks), exp_map="taylor", generator="lora",
+    config = LieRAConfig(r=r, alpha=float(r), target_modules=sorted(ranks), exp_map=TAYLOR, generator="lora",
                          dropout=float(peft_cfg.get("hira_dropout") or 0.0), modules_to_save=modules_to_save,
                          rank_pattern={p: k for p, k in ranks.items() if k != r},
                          alpha_pattern={p: float(k) for p, k in ranks.items() if k != r})

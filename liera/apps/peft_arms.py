@@ -1,4 +1,5 @@
-"""The `peft-lora` arm: PEFT's own LoRA on the layers liera's LoRA arm adapts, as an outside reference.
+"""PEFT's own adapters (the `peft-*` arms of the method table) on the layers liera's arms adapt, as outside
+references. Plain models (transformers LLMs, BERT) need nothing special; EfficientNet-Lite0 does.
 
 Two things keep PEFT from adapting a model such as EfficientNet-Lite0 as it is:
 
@@ -14,22 +15,24 @@ Two things keep PEFT from adapting a model such as EfficientNet-Lite0 as it is:
   A (r, in/groups*kh*kw) kaiming-uniform(a=sqrt(5)) at init, as PEFT initializes LoRA; the forward is one
   conv with W + ΔW. Its parameter count equals liera's LoRA on the same layer.
 
-Every other conv (groups = 1) gets PEFT's own ``lora.Conv2d``. This module imports peft; liera.apps.training
-imports it only for the peft-lora arm.
+Every other conv (groups = 1) gets PEFT's own ``lora.Conv2d``. DoRA and HiRA get no grouped-conv layer (PEFT
+refuses groups > 1 for them). This module imports peft; liera.apps.training imports it only for PEFT's arms.
 """
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import HiraConfig, LoraConfig, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..config import LieRAConfig
 from ..targeting import find_targets
+from .methods import Method
 
 
 class GroupedConv2d(nn.Conv2d):
@@ -138,18 +141,30 @@ class GroupedConvLora(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def peft_lora_model(model: nn.Module, *, head: str, r: int, alpha: float, target_modules, dropout: float = 0.0):
-    """PEFT LoRA on the layers liera's LoRA arm adapts for `target_modules` (model changed in place);
-    the head is trained in full (modules_to_save). Returns (peft model, note)."""
+def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_modules, head: Optional[str] = None,
+             dropout: float = 0.0):
+    """PEFT's own adapter (method.options: {"peft": "lora" | "hira", "use_dora": ...}) on the layers liera's arms
+    adapt for `target_modules` (model changed in place); the head, if any, is trained in full (modules_to_save).
+    Returns (peft model, note)."""
+    saved = [head] if head else None
     names = [t.path for t in find_targets(model, LieRAConfig(r=r, target_modules=target_modules,
-                                                             modules_to_save=[head]))]
+                                                             modules_to_save=saved))]
     moved = plain_convs(model)
     names = [moved.get(n, n) for n in names]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, modules_to_save=[head],
-                             target_modules="|".join(re.escape(n) for n in names))  # exactly these paths
-    config._register_custom_module({GroupedConv2d: GroupedConvLora})
+    exact = "|".join(re.escape(n) for n in names)  # exactly these paths
+    options = {k: v for k, v in method.options.items() if k != "peft"}
+    kind = method.options["peft"]
+    if kind == "lora":
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, modules_to_save=saved, target_modules=exact,
+                            **options)
+        if not options.get("use_dora"):
+            config._register_custom_module({GroupedConv2d: GroupedConvLora})
+    elif kind == "hira":  # HiRA has no alpha: W + W * (B @ A)
+        config = HiraConfig(r=r, hira_dropout=dropout, modules_to_save=saved, target_modules=exact, **options)
+    else:
+        raise ValueError(f"method {method.name!r}: unknown PEFT method {kind!r}")
     wrapped = get_peft_model(model, config)
     n_grouped = sum(isinstance(m, GroupedConvLora) for m in wrapped.modules())
-    note = (f"PEFT LoRA on {len(names)} layers" + (f" ({n_grouped} grouped convs through a custom PEFT LoRA "
-                                                  f"layer: PEFT's own needs r % groups == 0)" if n_grouped else ""))
+    note = (f"{method.label} on {len(names)} layers" + (f" ({n_grouped} grouped convs through a custom PEFT LoRA "
+                                                       f"layer: PEFT's own needs r % groups == 0)" if n_grouped else ""))
     return wrapped, note

@@ -1,0 +1,34 @@
+"""How names select modules, with PEFT's rules (one place: targets, exclusions, modules_to_save, rank and alpha
+patterns, and the model-free tools all match through here).
+
+* A list of names selects a module whose path equals an entry or ends with "." + the entry.
+* A string is a regular expression that must match the whole path.
+* A pattern key (rank_pattern, alpha_pattern) is a regular expression that matches the end of a path at a
+  "." boundary: ``(.*\\.)?<key>`` must match the whole path, so a plain name works as an exact name or a suffix.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Union
+
+Spec = Union[str, Iterable[str]]
+
+
+def name_matches(name: str, spec: Spec) -> bool:
+    """Whether ``name`` (a module path) is selected by ``spec``: a list of names / suffixes, or a full regex."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in spec)
+
+
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether the pattern key ``key`` (exact name, suffix after a ".", or a regex for the path's end) names ``name``."""
+    try:
+        return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
+    except re.error:
+        return name == key or name.endswith("." + key)
+
+
+def pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
+    """The first of ``keys`` that names ``name`` (None when none does)."""
+    return next((k for k in keys if pattern_matches(k, name)), None)
