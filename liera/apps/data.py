@@ -18,6 +18,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def package_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed package, found without importing the package (some packages' __init__
+    pulls heavy dependencies or downloads things); RuntimeError with the install line when it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"this needs the package {package.replace('_', '-')}: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall: {install}")
+    return path
+
+
 @dataclass
 class ImageTask:
     """Images as uint8 (N, H, W) or (N, H, W, C) arrays with integer labels."""

