@@ -15,8 +15,9 @@ The module's own forward always runs, so subclasses that pad or reshape in their
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -398,16 +399,25 @@ def adapted_weights_of(module: nn.Module) -> list[AdaptedWeight]:
     return [m for name, m in module._modules.items() if name.startswith(ADAPTER_PREFIX) and isinstance(m, AdaptedWeight)]
 
 
+@contextlib.contextmanager
+def redirect(owner: nn.Module, adapted: Sequence[AdaptedWeight], training: bool) -> Iterator[None]:
+    """While the block runs, torch calls that receive one of these adapted weights of ``owner`` get the effective
+    weight (the fast path where a layer kind knows the call). What the forward hooks do around an owner's own
+    forward; wrappers that call the owner themselves (the PEFT tuner layer) use it directly."""
+    live = [a for a in adapted if a.live()]
+    if not live:
+        yield
+        return
+    with _Redirect(owner, live, training):
+        yield
+
+
 _MODE_STACK = "_liera_modes"
 
 
 def redirect_pre_hook(module: nn.Module, args) -> None:
-    entries = [a for a in adapted_weights_of(module) if a.live()]
     stack = module.__dict__.setdefault(_MODE_STACK, [])
-    if not entries:
-        stack.append(None)
-        return
-    mode = _Redirect(module, entries, module.training)
+    mode = redirect(module, adapted_weights_of(module), module.training)
     mode.__enter__()
     stack.append(mode)
 
@@ -415,9 +425,7 @@ def redirect_pre_hook(module: nn.Module, args) -> None:
 def redirect_post_hook(module: nn.Module, args, output) -> None:
     stack = module.__dict__.get(_MODE_STACK)
     if stack:
-        mode = stack.pop()
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        stack.pop().__exit__(None, None, None)
 
 
 def install_hooks(module: nn.Module) -> None:
