@@ -436,7 +436,7 @@ def test_torchrun_two_processes_trains_with_ddp_and_writes_once(tmp_path):
 
     data = make_npz(tmp_path / "toy.npz")
     out = tmp_path / "out"
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     import socket
 
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real free port (0 does not work)

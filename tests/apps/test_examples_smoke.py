@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RECIPES = {
     "vtab1k_convnextv2": ("transformers", "test_accuracy"),
     "glue_debertav3": ("transformers", "accuracy"),

@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import liera  # noqa: E402
 from liera.integrations import LieRASaveCallback, LieRATrainer  # noqa: E402
 
+pytestmark = pytest.mark.smoke  # long: CI runs it in its own step (python -m pytest -q -m smoke)
+
 
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n=32, length=12, vocab=64, seed=0, labels=None):

