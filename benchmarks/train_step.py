@@ -12,7 +12,7 @@ Variants (all r=16, alpha=16, dropout 0, same target modules for every adapter m
     peft-lora     peft.get_peft_model(..., LoraConfig(r=16, lora_alpha=16))
     peft-dora     the same with use_dora=True
     peft-hira     peft.HiraConfig(r=16)   (HiRA refuses grouped convolutions: recorded as n/a)
-    full-ft       no adapter, every parameter trainable
+    full          no adapter, every parameter trainable
     frozen        no adapter, no parameter trainable; the *input* requires grad so that backward still
                   runs through every layer (input gradients only, no weight gradients, no optimizer).
                   For BERT, whose input is token ids, the output of the embedding block is made a leaf
@@ -83,8 +83,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch import nn
 
+from liera.apps.methods import get_method
+
 R, ALPHA = 16, 16
-VARIANTS = ["liera-taylor", "liera-exact", "peft-lora", "peft-dora", "peft-hira", "full-ft", "frozen"]
+VARIANTS = ["liera-taylor", "liera-exact", "peft-lora", "peft-dora", "peft-hira", "full", "frozen"]  # method table names + a frozen baseline
 LIERA = ("liera-taylor", "liera-exact")
 PEAK_STEPS = 2  # the optimizer state (if any) appears in the first; the second runs with the first's graph alive
 
@@ -229,27 +231,28 @@ class Runner:
 
     def _build(self) -> None:
         name, shape = self.name, self.shape
+        method = get_method(name) if name != "frozen" else None
         if name in LIERA:
             import liera
 
-            cfg = liera.LieRAConfig(r=R, alpha=ALPHA, target_modules=shape.liera_targets,
-                                    exp_map=name.split("-")[1])
-            self.model = liera.get_liera_model(self.model, cfg)
+            self.model = liera.get_liera_model(self.model, method.liera_config(r=R, alpha=ALPHA,
+                                                                               target_modules=shape.liera_targets))
             n = sum(1 for _ in self.model.adapted_weights())
             if n != len(shape.targets):
                 raise RuntimeError(f"liera adapted {n} weights, expected {len(shape.targets)}")
         elif name.startswith("peft-"):
             import peft
 
-            if name == "peft-hira":
+            options = {k: v for k, v in method.options.items() if k != "peft"}
+            if method.options["peft"] == "hira":
                 if not hasattr(peft, "HiraConfig"):
                     raise RuntimeError(f"peft {peft.__version__} has no HiraConfig")
-                cfg = peft.HiraConfig(r=R, target_modules=list(shape.targets))
+                cfg = peft.HiraConfig(r=R, target_modules=list(shape.targets), **options)
             else:
                 cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(shape.targets),
-                                      use_dora=(name == "peft-dora"))
+                                      **options)
             self.model = peft.get_peft_model(self.model, cfg)
-        elif name == "full-ft":
+        elif name == "full":
             for p in self.model.parameters():
                 p.requires_grad_(True)
         elif name == "frozen":
@@ -459,7 +462,7 @@ def add_ratios(result: dict) -> None:
             continue
         for field_, short in (("median_s", "time"), ("cpu_median_s", "cpu"), ("peak_bytes", "peak")):
             # the time ratios also on process CPU time (less sensitive to other processes taking the cores)
-            for other, suffix in (("peft-lora", "lora"), ("full-ft", "full"), ("peft-hira", "hira")):
+            for other, suffix in (("peft-lora", "lora"), ("full", "full"), ("peft-hira", "hira")):
                 v[f"{short}_vs_{suffix}"] = _ratio(v.get(field_), _get(result, other, field_))
         v["bytes_vs_lora"] = _ratio(v["saved_bytes"], _get(result, "peft-lora", "saved_bytes"))
 

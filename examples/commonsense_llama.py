@@ -75,7 +75,7 @@ def parse_args(argv):
     p.add_argument("--r", type=int, default=RANK)
     p.add_argument("--alpha", type=float, default=ALPHA)
     p.add_argument("--dropout", type=float, default=DROPOUT)
-    p.add_argument("--exp-map", choices=["taylor", "exact"], default="taylor")
+    p.add_argument("--exp-map", choices=list(liera.group.EXP_MAPS), default=liera.group.TAYLOR)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--bf16", action="store_true", help="load the base model in bfloat16 (adapters stay float32)")
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -102,7 +102,7 @@ def parse_args(argv):
     p.add_argument("--r", type=int, default=RANK)
     p.add_argument("--alpha", type=float, default=ALPHA)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--exp-map", choices=["taylor", "exact"], default="taylor")
+    p.add_argument("--exp-map", choices=list(liera.group.EXP_MAPS), default=liera.group.TAYLOR)
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated module names or suffixes")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base UNet dtype (adapters: float32)")
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -97,7 +97,7 @@ def parse_args(argv):
     p.add_argument("--dropout", type=float, default=DROPOUT)
     p.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--exp-map", choices=["taylor", "exact"], default="taylor")
+    p.add_argument("--exp-map", choices=list(liera.group.EXP_MAPS), default=liera.group.TAYLOR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eval-each-epoch", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny random DeBERTa-v2, synthetic pair task; seconds")

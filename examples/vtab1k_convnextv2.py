@@ -77,7 +77,7 @@ def parse_args(argv):
     p.add_argument("--r", type=int, default=RANK)
     p.add_argument("--alpha", type=float, default=ALPHA)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--exp-map", choices=["taylor", "exact"], default="taylor")
+    p.add_argument("--exp-map", choices=list(liera.group.EXP_MAPS), default=liera.group.TAYLOR)
     p.add_argument("--targets", choices=["conv+pointwise", "all-conv"], default="conv+pointwise")
     p.add_argument("--resolution", type=int, default=RESOLUTION)
     p.add_argument("--protocol", choices=["1000", "800-200"], default="1000")

@@ -44,16 +44,18 @@ def read(path: Path) -> dict:
     return groups
 
 
-def choose_rates(groups: dict, tie_break: str = "lower-rate") -> dict:
-    """Per method, the rate with the best mean validation accuracy over seeds. A tie (to 1e-6) keeps the lower,
-    more stable rate, or with tie_break="loss" the rate with the lower mean validation loss (rows need "loss")."""
+def choose_rates(groups: dict, tie_break: str = "lower-rate", by: str = "accuracy") -> dict:
+    """Per method, the rate with the best mean validation accuracy over seeds, or with by="loss" the lowest mean
+    validation loss (rows need "loss"). A tie (to 1e-6) keeps the lower, more stable rate, or with tie_break="loss"
+    the rate with the lower mean validation loss."""
     best: dict = {}
     for (method, _, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
-        mean = round(statistics.mean(r["test_accuracy"] for r in rows), 6)
-        loss = statistics.mean(r["loss"] for r in rows) if tie_break == "loss" else 0.0
-        if method not in best or (mean, -loss) > (best[method][1], -best[method][2]):
-            best[method] = (lr, mean, loss)
-    return {m: lr for m, (lr, _, _) in best.items()}
+        acc = round(statistics.mean(r["test_accuracy"] for r in rows), 6)
+        loss = statistics.mean(r["loss"] for r in rows) if "loss" in (tie_break, by) else 0.0
+        score = (-round(loss, 6), 0.0) if by == "loss" else (acc, -loss)
+        if method not in best or score > best[method][1]:
+            best[method] = (lr, score)
+    return {m: lr for m, (lr, _) in best.items()}
 
 
 def ladder_step(rate: float, up: bool) -> float:
@@ -72,9 +74,9 @@ def parse_lrs(text: str) -> dict:
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, tasks, default_task: str, methods, seeds: str,
-                         epochs: int, out: str) -> None:
+                         epochs: int, out: str, stages=("select", "test")) -> None:
     p.add_argument("--task", choices=sorted(tasks), default=default_task)
-    p.add_argument("--stage", choices=["select", "test"], default="select")
+    p.add_argument("--stage", choices=list(stages), default="select")
     p.add_argument("--methods", default=",".join(methods))
     p.add_argument("--ranks", default="8")
     p.add_argument("--seeds", default=seeds)
@@ -84,3 +86,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, tasks, default_task: str
     p.add_argument("--grid", default="", help="override learning rates, e.g. 'lora=1e-3/3e-3,full=1e-4' (select); "
                                               "in the test stage a single value overrides the chosen rate")
     p.add_argument("--smoke", action="store_true", help="tiny run in seconds (CI keeps the code alive)")
+
+
+def write_summary(out: Path, name: str, stage: str, lines: list[str], groups: dict) -> None:
+    """The stage's table as <name>-<stage>.md (printed too); after a select stage, the chosen rates as
+    <name>-chosen.json."""
+    (out / f"{name}-{stage}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if stage == "select":
+        chosen = choose_rates(groups)
+        (out / f"{name}-chosen.json").write_text(json.dumps(chosen, indent=2))
+        print("chosen on validation:", chosen)

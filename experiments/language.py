@@ -32,7 +32,7 @@ from liera import find_targets  # noqa: E402
 from liera.apps.textdata import text_validation_split, wordnet_lex_1k  # noqa: E402
 from liera.apps.training import run_arm  # noqa: E402
 
-from common import RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read  # noqa: E402
+from common import RANK_FREE, add_common_arguments, done, log, parse_lrs, read, write_summary  # noqa: E402
 
 HEAD = "classifier"
 # the encoder's 36 linear layers (q, k, v, attention output, intermediate, output x 6 blocks), never the head
@@ -198,12 +198,7 @@ def summarise(records: Path, out: Path, task: str, stage: str) -> None:
         shown = "-" if method in RANK_FREE else r
         lines.append(f"| {method} | {shown} | {lr:g} | {rs[0]['trainable_params']:,} | {mean:.4f} ± {sd:.4f} | "
                      f"{len(accs)} | {secs:.0f} |")
-    (out / f"{task}-{stage}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    if stage == "select":
-        chosen = choose_rates(groups)
-        (out / f"{task}-chosen.json").write_text(json.dumps(chosen, indent=2))
-        print("chosen on validation:", chosen)
+    write_summary(out, task, stage, lines, groups)
 
 
 if __name__ == "__main__":

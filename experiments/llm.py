@@ -87,9 +87,9 @@ def run_one(args, stage: str, method: str, lr: float, seed: int, base, train, sc
 
 
 def execute(args, stage: str, plan: list, base, train, scored, split: str, path: Path) -> None:
-    finished = done(path)
+    shard, shards = (int(v) for v in args.shard.split("/"))
     for i, (method, lr, seed) in enumerate(plan):
-        if tuple(key(args, stage, method, lr, seed)) in finished:
+        if i % shards != shard or tuple(key(args, stage, method, lr, seed)) in done(path):  # another shard may log it
             continue
         t = time.time()
         rec = run_one(args, stage, method, lr, seed, base, train, scored, split)
@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="", help="override rates, e.g. 'lora=1e-4/3e-4'")
     p.add_argument("--rounds", type=int, default=5, help="cost: timed rounds")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th planned run, starting at i (processes that "
+                                                  "share the cores and one record file)")
     p.add_argument("--out", default="runs/llm")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and a few examples, seconds")

@@ -23,12 +23,12 @@ from liera.apps.training import fit, prepare_arm, trainable_count
 
 from common import RANK_FREE
 
-METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "full", "peft-lora")
+METHODS = ("linear-probe", "lora", "liera-taylor", "liera-exact", "full", "peft-lora")  # arms of the method table
 STEPS = 3
 
 
 def vision_setup(resolution: int):
-    from liera.apps.demo import HEAD, load_efficientnet_lite0
+    from liera.apps.efficientnet import HEAD, load_efficientnet_lite0
 
     x = torch.randn(STEPS * 32, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     return "EfficientNet-Lite0 (all convs)", load_efficientnet_lite0(10), HEAD, "all-conv", x, None

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from common import RANK_FREE, read
 
-STYLE = {"lora": ("LoRA (additive)", "tab:blue", "o"), "liera-taylor": ("LieRA-Taylor", "tab:red", "s"),
-         "liera-exact": ("LieRA-exact", "tab:orange", "^"), "full": ("full fine-tuning", "black", None),
-         "linear-probe": ("linear probe", "grey", None)}
+from liera.apps.methods import label
+
+COLOURS = {"lora": ("tab:blue", "o"), "liera-taylor": ("tab:red", "s"), "liera-exact": ("tab:orange", "^"),
+           "full": ("black", None), "linear-probe": ("grey", None)}
+STYLE = {m: (label(m), colour, marker) for m, (colour, marker) in COLOURS.items()}  # labels from the method table
 
 
 def series(records: Path, chosen: dict) -> dict:

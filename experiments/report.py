@@ -18,11 +18,12 @@ from pathlib import Path
 
 from common import records
 
+from liera.apps.methods import LIERA as LIERA_FAMILY, METHODS, PEFT, label, names
+
 LORA = "lora"
-LIERA = ("liera-taylor", "liera-exact", "liera-rms")
-ORDER = ("linear-probe", "lora", "liera-taylor", "liera-exact", "liera-rms", "full")
-LABEL = {"lora": "LoRA (additive)", "liera-taylor": "LieRA-Taylor", "liera-exact": "LieRA-exact",
-         "liera-rms": "LieRA-Taylor + rms scaling", "linear-probe": "linear probe", "full": "full fine-tuning"}
+LIERA = names(multiplicative=True)
+ORDER = ("linear-probe",) + names(family=LIERA_FAMILY) + ("full",) + names(family=PEFT)
+LABEL = {m: label(m) for m in METHODS}
 TARGET_LABEL = {"dw": "stem + depthwise (paper-faithful)", "all": "all convolutions"}
 
 

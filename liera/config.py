@@ -15,6 +15,10 @@ from .names import pattern_matches
 from .version import __version__
 
 LIBRARY = "liera"
+# peft_type of a LieRA adapter written by PEFT itself (the PEFT method in liera.integrations.peft); liera's own
+# loaders point such a folder to PEFT instead of reading it
+PEFT_TYPE = "LIERA"
+PEFT_IMPORT = "import liera.integrations.peft"
 TARGET_SHORTCUTS = ("all-linear", "all-conv", "all")
 ADAPTER_DTYPES = ("float32", "base")
 UPDATE_BRANCHES = ("merged", "float32")
@@ -149,6 +153,11 @@ class LieRAConfig:
     def from_dict(cls, data: dict[str, Any]) -> "LieRAConfig":
         data = dict(data)
         library = data.pop("library", None)
+        if data.get("peft_type") == PEFT_TYPE:
+            raise ValueError(f"this is a PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r}, written by PEFT's "
+                             f"save_pretrained), not a liera adapter folder: load it with PEFT after `{PEFT_IMPORT}` "
+                             f"(then peft.PeftModel.from_pretrained(model, path)), or convert it to liera's format "
+                             f"with liera.integrations.peft.peft_to_liera(path, out_dir).")
         if library != LIBRARY:
             kind = data.get("peft_type") or library or "unknown"
             raise ValueError(f"this adapter config belongs to {kind!r}, not liera; load it with that library "

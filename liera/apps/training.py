@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LieRAConfig
 from ..model import get_liera_model
 from ..targeting import find_targets
 from .memory import TensorMemory
@@ -77,17 +79,32 @@ def prepare_arm(method: Union[str, Method], model: nn.Module, *, r: int, alpha: 
         return peft_arm(model, method, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
     assert method.family == LIERA
     cfg = method.liera_config(r=r, alpha=alpha, target_modules=target_modules, generator=generator, dropout=dropout,
-                              modules_to_save=[head] if head else None)
+                              exclude_modules=[head] if head else None, modules_to_save=[head] if head else None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exactly zero.*")
         return get_liera_model(model, cfg), ""
 
 
-def method_free_config(r: int, target_modules, head: Optional[str] = None):
+def method_free_config(r: int, target_modules, head: Optional[str] = None) -> LieRAConfig:
     """A LieRAConfig that only says which weights `target_modules` names (the head left out)."""
-    from ..config import LieRAConfig
-
     return LieRAConfig(r=r, target_modules=target_modules, exclude_modules=[head] if head else None)
+
+
+def pick_threads(requested: Optional[int] = None) -> int:
+    """Torch threads for a long CPU job: the requested number, else the cores other jobs leave free (cores minus
+    the 1-minute load average, at least 1). OpenMP threads that compete with another process for the same cores
+    thrash: a demo that takes minutes alone took over an hour beside another job with all cores requested."""
+    if requested:
+        return int(requested)
+    cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:  # no load average on this platform
+        busy = 0
+    chosen = max(1, cores - busy)
+    if chosen < cores:
+        print(f"(using {chosen} of {cores} CPU threads: other jobs keep about {busy} busy; --threads N to choose)")
+    return chosen
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -57,6 +57,7 @@ class Generator(nn.Module):
                                                              device=weight.device))
         self.init_weights = init_weights
         self.param_dtype = dtype or torch.float32
+        self.factory = {"device": weight.device, "dtype": self.param_dtype}  # where and how new tensors are made
 
     @property
     def scaling(self) -> Union[float, Tensor]:

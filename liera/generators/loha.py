@@ -14,12 +14,11 @@ class LoHaGenerator(Generator):
 
     def __init__(self, weight: Tensor, **kwargs) -> None:
         super().__init__(weight, **kwargs)
-        f = dict(device=weight.device, dtype=self.param_dtype)
         std = 0.1
-        self.hada_B1 = nn.Parameter(torch.randn(self.out_dim, self.r, **f) * std)
-        self.hada_A1 = nn.Parameter(torch.randn(self.r, self.in_dim, **f) * std)
-        self.hada_B2 = nn.Parameter(torch.zeros(self.out_dim, self.r, **f))  # zero: D = 0 at init
-        self.hada_A2 = nn.Parameter(torch.randn(self.r, self.in_dim, **f) * std)
+        self.hada_B1 = nn.Parameter(torch.randn(self.out_dim, self.r, **self.factory) * std)
+        self.hada_A1 = nn.Parameter(torch.randn(self.r, self.in_dim, **self.factory) * std)
+        self.hada_B2 = nn.Parameter(torch.zeros(self.out_dim, self.r, **self.factory))  # zero: D = 0 at init
+        self.hada_A2 = nn.Parameter(torch.randn(self.r, self.in_dim, **self.factory) * std)
         if self.init_weights is False:
             nn.init.normal_(self.hada_B2, std=std)
 

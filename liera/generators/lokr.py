@@ -28,10 +28,9 @@ class LoKrGenerator(Generator):
         super().__init__(weight, **kwargs)
         (o1, o2), (i1, i2) = split(self.out_dim), split(self.in_dim)
         self.factors = (o1, i1, o2, i2)
-        f = dict(device=weight.device, dtype=self.param_dtype)
-        self.lokr_C = nn.Parameter(torch.empty(o1, i1, **f))
-        self.lokr_A = nn.Parameter(torch.empty(self.r, i2, **f))
-        self.lokr_B = nn.Parameter(torch.zeros(o2, self.r, **f))  # zero: D = 0 at init
+        self.lokr_C = nn.Parameter(torch.empty(o1, i1, **self.factory))
+        self.lokr_A = nn.Parameter(torch.empty(self.r, i2, **self.factory))
+        self.lokr_B = nn.Parameter(torch.zeros(o2, self.r, **self.factory))  # zero: D = 0 at init
         nn.init.kaiming_uniform_(self.lokr_C, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.lokr_A, a=math.sqrt(5))
         if self.init_weights is False:

@@ -18,9 +18,8 @@ class LoRAGenerator(Generator):
 
     def __init__(self, weight: Tensor, **kwargs) -> None:
         super().__init__(weight, **kwargs)
-        factory = dict(device=weight.device, dtype=self.param_dtype)
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_dim, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_dim, self.r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_dim, **self.factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_dim, self.r, **self.factory))
         with torch.no_grad():
             if self.init_weights == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)

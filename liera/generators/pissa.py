@@ -35,12 +35,11 @@ class _SVDInitGenerator(Generator):
         pad = self.r - r  # ranks above min(out, in) get zero columns
         b0 = torch.cat([b0, b0.new_zeros(self.out_dim, pad)], 1)
         a0 = torch.cat([a0, a0.new_zeros(pad, self.in_dim)], 0)
-        factory = dict(dtype=self.param_dtype, device=weight.device)
         # separate storage: the frozen offset must not follow the trained factors
-        self.lora_B = nn.Parameter(b0.to(**factory).clone())
-        self.lora_A = nn.Parameter(a0.to(**factory).clone())
-        self.register_buffer("lora_B0", b0.to(**factory).clone())
-        self.register_buffer("lora_A0", a0.to(**factory).clone())
+        self.lora_B = nn.Parameter(b0.to(**self.factory).clone())
+        self.lora_A = nn.Parameter(a0.to(**self.factory).clone())
+        self.register_buffer("lora_B0", b0.to(**self.factory).clone())
+        self.register_buffer("lora_A0", a0.to(**self.factory).clone())
 
     def delta(self) -> Tensor:
         # two products, not one rank-2r product: identical inputs give bit-identical products, so D == 0 at init

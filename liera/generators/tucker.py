@@ -21,14 +21,13 @@ class TuckerGenerator(Generator):
     def __init__(self, weight: Tensor, **kwargs) -> None:
         super().__init__(weight, **kwargs)
         self.ranks = tuple(min(self.r, d) for d in self.shape)
-        f = dict(device=weight.device, dtype=self.param_dtype)
-        self.tucker_core = nn.Parameter(torch.randn(*self.ranks, **f) / math.sqrt(math.prod(self.ranks)))
+        self.tucker_core = nn.Parameter(torch.randn(*self.ranks, **self.factory) / math.sqrt(math.prod(self.ranks)))
         factors = []
         for k, (d, rk) in enumerate(zip(self.shape, self.ranks)):
             if k == 0 and self.init_weights is not False:
-                factors.append(nn.Parameter(torch.zeros(d, rk, **f)))
+                factors.append(nn.Parameter(torch.zeros(d, rk, **self.factory)))
             else:
-                factors.append(nn.Parameter(torch.randn(d, rk, **f) / math.sqrt(rk)))
+                factors.append(nn.Parameter(torch.randn(d, rk, **self.factory) / math.sqrt(rk)))
         self.tucker_factors = nn.ParameterList(factors)
 
     def delta(self) -> Tensor:

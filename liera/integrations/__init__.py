@@ -1,5 +1,8 @@
 """Bridges to other tools, each importing its tool only when used:
 
+* ``peft``: LieRA as a PEFT method (``LieraConfig`` for ``peft.get_peft_model``, ``LieraModel``, ``LieraLayer``) and
+  folder conversions between PEFT's files and liera's (``liera_to_peft``, ``peft_to_liera``); importing it
+  registers the method with PEFT;
 * ``hira``: export a LieRA-Taylor adapter as a PEFT HiRA adapter and import one back (``export_peft``,
   ``import_peft``);
 * ``trainer``: ``LieRATrainer`` and ``LieRASaveCallback`` for the Hugging Face ``transformers.Trainer``;
@@ -10,14 +13,15 @@ diffusers models need no bridge: a UNet is a plain nn.Module (docs/interop.md).
 """
 from __future__ import annotations
 
+import importlib
+
 _LAZY = {"export_peft": "hira", "import_peft": "hira", "LieRATrainer": "trainer", "LieRASaveCallback": "trainer",
-         "merge_file": "statedict", "inspect_adapter": "statedict"}
+         "merge_file": "statedict", "inspect_adapter": "statedict", "LieraConfig": "peft", "LieraModel": "peft",
+         "LieraLayer": "peft", "liera_to_peft": "peft", "peft_to_liera": "peft"}
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import io
@@ -98,8 +99,6 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optio
     }
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     io.atomic_write(directory / io.WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2)
     io.atomic_write(directory / io.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -118,8 +117,6 @@ def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = "defa
     if kind != "HIRA":
         raise ValueError(f"{str(directory)!r} holds a PEFT {kind!r} adapter; liera.import_peft reads HiRA adapters "
                          f"only (HiRA is LieRA-Taylor); load {kind} adapters with peft itself.")
-    from safetensors.torch import load_file
-
     raw = load_file(str(weights_path))
     base = model.base_model if isinstance(model, LieRAModel) else model
     factors: dict[str, dict[str, torch.Tensor]] = {}

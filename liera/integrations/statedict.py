@@ -26,6 +26,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     try:
         with open(path, "rb") as fh:
@@ -39,7 +47,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _adapters_by_weight(adapter_dir: PathLike):
+def adapters_by_weight(adapter_dir: PathLike):
+    """(config, weight key -> {tensor name: tensor}, weight key -> shape, modules_to_save key -> tensor) of a liera
+    adapter folder, its tensors grouped by the weight they adapt (through the recorded weight shapes)."""
     config, tensors = io.read_adapter_files(adapter_dir)
     shapes = io.read_weight_shapes(adapter_dir)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -65,8 +75,9 @@ def _generator(config, key: str, weight: torch.Tensor, state: dict):
     return adapted
 
 
-def _match_keys(adapter_keys, base_keys) -> dict[str, str]:
-    """adapter weight key -> base key, allowing one consistent prefix difference (e.g. 'model.')."""
+def _match_keys(adapter_keys, base_keys, required: bool = True) -> dict[str, str]:
+    """adapter key -> base key, allowing one consistent prefix difference (e.g. 'model.'). Keys that match nothing
+    raise when ``required`` (adapted weights must exist in the base), else are left out."""
     base = set(base_keys)
     mapping, missing = {}, []
     for k in adapter_keys:
@@ -78,7 +89,7 @@ def _match_keys(adapter_keys, base_keys) -> dict[str, str]:
             mapping[k] = hits[0]
         else:
             missing.append(k)
-    if missing:
+    if missing and required:
         raise ValueError(f"{len(missing)} adapted weights have no matching key in the base file (e.g. {missing[:4]}); "
                          f"base keys look like {sorted(base)[:4]}. Is this the base model the adapter was trained on?")
     return mapping
@@ -96,19 +107,35 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
         raise ValueError(f"--out {str(out)!r} is a directory; give a file path such as merged.safetensors.")
     header, data_start = _read_header(base)
     meta = header.pop("__metadata__", None)
-    config, grouped, shapes, saved = _adapters_by_weight(adapter_dir)
-    mapping = _match_keys(sorted(set(grouped) | set(saved)), [k for k in header])
+    config, grouped, shapes, saved = adapters_by_weight(adapter_dir)
+    mapping = _match_keys(sorted(grouped), list(header))
+    # tensors trained in full (modules_to_save) replace the base's; one the base lacks (a new head) is added
+    mapping.update(_match_keys(sorted(saved), list(header), required=False))
+    added = {k: saved[k] for k in sorted(saved) if k not in mapping}
     for k, b in mapping.items():
         want = shapes.get(k) or tuple(saved[k].shape)
         if tuple(header[b]["shape"]) != tuple(want):
-            raise ValueError(f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}.")
+            raise ValueError(f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}. "
+                             f"The adapter was trained on a model whose {b!r} has another shape: pass the base weights "
+                             f"of that model (same size and config; a head trained in full must have the base head's "
+                             f"number of classes).")
     by_base = {b: k for k, b in mapping.items()}
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    stats = {"merged": 0, "replaced": 0, "copied": 0}
+    stats = {"merged": 0, "replaced": 0, "added": len(added), "copied": 0}
+    end_of_data = max((header[k]["data_offsets"][1] for k in header), default=0)
+    extra = {}  # header entries of the added tensors, after the base's data
+    for k, t in added.items():
+        if k in header:
+            raise ValueError(f"the adapter's new tensor {k!r} clashes with a base key; nothing was written.")
+        size = t.numel() * t.element_size()
+        extra[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                    "data_offsets": [end_of_data, end_of_data + size]}
+        end_of_data += size
 
     def write(tmp: str) -> None:
         with open(base, "rb") as src, open(tmp, "wb") as dst:
-            blob = json.dumps({**({"__metadata__": meta} if meta else {}), **header}, separators=(",", ":")).encode()
+            blob = json.dumps({**({"__metadata__": meta} if meta else {}), **header, **extra},
+                              separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
             dst.write(struct.pack("<Q", len(blob)) + blob)
             for key in (progress(order, "merge") if progress else order):
@@ -132,12 +159,13 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
                         if not torch.isfinite(new).all():
                             raise ValueError(f"merging into {key!r} gives non-finite values; nothing was written.")
                         stats["merged"] += 1
-                    raw = new.contiguous().numpy().tobytes() if torch_dtype != torch.bfloat16 else \
-                        new.contiguous().view(torch.int16).numpy().tobytes()
+                    raw = _raw_bytes(new)
                     assert len(raw) == end - start
                 else:
                     stats["copied"] += 1
                 dst.write(raw)
+            for k, t in added.items():
+                dst.write(_raw_bytes(t))
 
     io.atomic_write(out, write)
     return stats
@@ -145,7 +173,7 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
 
 def inspect_adapter(adapter_dir: PathLike) -> str:
     """A readable report: config, layers, parameter counts, and per-layer statistics of D."""
-    config, grouped, shapes, saved = _adapters_by_weight(adapter_dir)
+    config, grouped, shapes, saved = adapters_by_weight(adapter_dir)
     lines = [f"liera adapter at {adapter_dir}", "",
              "config: " + ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items()
                                     if v not in (None, {}, [], False) and k not in ("library",)), ""]

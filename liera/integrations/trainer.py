@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .. import io
 from ..model import LieRAModel
 
 
@@ -24,6 +25,7 @@ def _unwrap(model):
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.utils import find_labels
 except ImportError:  # transformers is optional
     Trainer = TrainerCallback = None
 
@@ -38,8 +40,6 @@ if Trainer is not None:
             super().__init__(model, args, *pargs, **kwargs)
             base = _unwrap(self.model)
             if isinstance(base, LieRAModel) and not self.args.label_names:
-                from transformers.utils import find_labels
-
                 self.label_names = find_labels(type(base.base_model))
 
         def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
@@ -55,8 +55,6 @@ if Trainer is not None:
             target = _unwrap(model or self.model)
             if isinstance(target, LieRAModel) and os.path.isfile(os.path.join(resume_from_checkpoint,
                                                                               "adapter_config.json")):
-                from .. import io
-
                 _, tensors = io.read_adapter_files(resume_from_checkpoint)
                 target.set_adapter_state_dict(tensors)
                 return

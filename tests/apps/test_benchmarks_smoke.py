@@ -45,3 +45,17 @@ def test_train_step_quick(tmp_path, extra):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert out.exists() and json.loads(out.read_text())
     assert "peak MB" in proc.stdout
+
+
+def test_peft_method_quick(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("peft")
+    bench = load("peft_method")
+    out = tmp_path / "quick.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    shapes = json.loads(out.read_text())["shapes"]
+    assert [s["key"] for s in shapes] == ["linear", "conv"]
+    assert all(set(s["variants"]) == {"liera", "peft-liera", "peft-lora", "liera-2"} for s in shapes)
+    assert all(s["ratios"]["peft-liera / liera"]["peak"] == 1.0 for s in shapes)  # the same tensors, exactly
+    assert "| peft-liera / liera |" in capsys.readouterr().out

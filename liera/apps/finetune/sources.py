@@ -7,8 +7,9 @@ from typing import Union
 
 import numpy as np
 
+from .. import data as D
 from ..data import ImageTask, TextTask
-from .options import BUILTIN_DATA, IMAGE_SUFFIXES, TEXT_SUFFIXES
+from .constants import BUILTIN_DATA, IMAGE_SUFFIXES, TEXT_SUFFIXES
 
 
 # ====================================================================== data
@@ -20,8 +21,6 @@ class _Data:
 
 
 def load_data(data: str, *, resolution: int = 64, text_column: str = "text", label_column: str = "label") -> _Data:
-    from .. import data as D
-
     if data in BUILTIN_DATA:
         task = D.fashion_mnist_1k() if data == "fashion-1k" else D.digits_1k()
         return _Data("image", task, data)
@@ -44,7 +43,7 @@ def load_data(data: str, *, resolution: int = 64, text_column: str = "text", lab
                      f"(train_x, train_y[, test_x, test_y]) or a text table (.csv, .jsonl).")
 
 
-def _check_task(d: _Data) -> None:
+def check_task(d: _Data) -> None:
     task = d.task
     if len(task.train_y) == 0:
         raise ValueError(f"data {d.source!r} has an empty training set; add examples.")

@@ -8,7 +8,9 @@ from typing import Optional, Union
 from torch import nn
 
 from ...config import TARGET_SHORTCUTS, LieRAConfig
-from .options import HEAD_NAMES
+from ...layers import kind_of
+from ...targeting import find_targets
+from .constants import HEAD_NAMES
 
 
 # ====================================================================== targets and head
@@ -52,8 +54,6 @@ def parse_targets(spec) -> Union[str, list[str]]:
 
 def default_targets(model: nn.Module, head: str) -> str:
     """all-conv for a mostly convolutional model, else all-linear."""
-    from ...layers import kind_of
-
     counts = {"linear": 0, "conv": 0}
     for name, module in model.named_modules():
         if name == head or name.startswith(head + "."):
@@ -66,8 +66,6 @@ def default_targets(model: nn.Module, head: str) -> str:
 
 def resolve_targets(model: nn.Module, targets, head: str, r: int) -> list:
     """The weights the run adapts (the head excluded; it trains in full); checks the rank against each."""
-    from ...targeting import find_targets
-
     cfg = LieRAConfig(r=r, target_modules=targets, exclude_modules=[head])
     found = find_targets(model, cfg)
     too_small = []
