@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -117,6 +117,19 @@ def read_weight_shapes(directory: PathLike) -> dict[str, tuple]:
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     return {k: tuple(v) for k, v in json.loads(meta.get("weight_shapes", "{}")).items()}
+
+
+def load_planned(plan: Sequence[tuple], saved: Mapping[str, Tensor], tensors: Mapping[str, Tensor], where: str) -> None:
+    """Load an adapter's tensors into planned generators ((target, generator, settings), not attached yet) and into
+    the parameters trained in full; every name and shape is checked before anything is loaded."""
+    expected = {f"{t.key}.{k}": tuple(v.shape) for t, gen, _ in plan for k, v in gen.state_dict().items()}
+    check_tensors({**expected, **{k: tuple(p.shape) for k, p in saved.items()}}, tensors, where)
+    for target, generator, _ in plan:
+        prefix = target.key + "."
+        generator.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+    with torch.no_grad():
+        for key, p in saved.items():
+            p.copy_(tensors[key])
 
 
 def check_tensors(expected: Mapping[str, tuple], tensors: Mapping[str, Tensor], where: str) -> None:

@@ -8,6 +8,7 @@ operation that can fail checks first and changes the model only after all checks
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -18,8 +19,8 @@ from torch import Tensor, nn
 from . import io
 from .config import LieRAConfig
 from .group import MULTIPLICATIVE
-from .targeting import Target, plan_adapter, saved_parameters, zero_entries
-from .weight import ADAPTER_PREFIX, AdaptedWeight, adapted_weights_of, install_hooks, is_sharded, remove_hooks
+from .targeting import plan_adapter, saved_parameters, warn_zero_entries
+from .weight import AdaptedWeight, adapted_weights_of, attach, detach, is_sharded
 
 DEFAULT_ADAPTER = "default"
 Names = Union[str, Sequence[str], None]
@@ -30,20 +31,12 @@ def _call_base(self, *args, **kwargs):
 
 
 class _ForwardToBase:
-    """LieRAModel.forward: calls the base model (its hooks included) and, on an instance, carries the base
-    model's signature, since tools inspect it (transformers.Trainer keeps only the dataset columns that
-    the forward accepts). On the class it is a plain function, as inspection of the class expects."""
+    """LieRAModel.forward: calls the base model; on an instance it carries the base model's signature (transformers'
+    Trainer keeps the dataset columns the forward accepts), on the class it is a plain function."""
 
     def __get__(self, obj, objtype=None):
-        if obj is None:
-            return _call_base
-        base = obj.base_model
-
-        def forward(*args, **kwargs):
-            return base(*args, **kwargs)
-
-        forward.__wrapped__ = base.forward
-        return forward
+        base = None if obj is None else obj.base_model
+        return _call_base if base is None else functools.wraps(base.forward)(lambda *a, **k: base(*a, **k))
 
 
 class LieRAModel(nn.Module):
@@ -138,45 +131,20 @@ class LieRAModel(nn.Module):
                              f"delete_adapter({adapter_name!r}) first.")
         config.validate()
         plan = plan_adapter(self.base_model, config, strict)
-        saved = saved_parameters(self.base_model, config)
-        if state_dict is not None:
-            expected = {f"{t.key}.{k}": tuple(v.shape) for t, gen, _ in plan for k, v in gen.state_dict().items()}
-            io.check_tensors({**expected, **{k: tuple(p.shape) for k, p in saved.items()}}, state_dict,
-                             f"adapter {adapter_name!r}")
-        # ---- all checks passed: change the model
+        saved = saved_parameters(self.base_model, config)  # raises for a modules_to_save entry that matches nothing
+        if state_dict is not None:  # checks every name and shape, then loads (nothing is attached yet)
+            io.load_planned(plan, saved, state_dict, f"adapter {adapter_name!r}")
         for target, generator, settings in plan:
-            if state_dict is not None:
-                generator.load_state_dict({k[len(target.key) + 1:]: v for k, v in state_dict.items()
-                                           if k.startswith(target.key + ".")}, strict=False)
-            owner, child = target.owner, ADAPTER_PREFIX + target.param_name
-            adapted = owner._modules.get(child)
-            if adapted is None:
-                adapted = AdaptedWeight(target.param_name)
-                owner.add_module(child, adapted)
-            adapted.train(owner.training)
-            adapted.add(adapter_name, generator, settings)
-            install_hooks(owner)
-        if state_dict is not None:
-            with torch.no_grad():
-                for key, p in saved.items():
-                    p.copy_(state_dict[key])
+            attach(target.owner, target.param_name, adapter_name, generator, settings)
         self.peft_config[adapter_name] = config
         if not is_trainable:
             self._frozen.add(adapter_name)
         if len(self.peft_config) == 1:
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
-        if config.update == MULTIPLICATIVE:
-            self._warn_zeros([t for t, _, _ in plan])
+        if config.update == MULTIPLICATIVE and not self._zero_warned:  # once per model
+            self._zero_warned = warn_zero_entries([t for t, _, _ in plan])
         self._refresh_trainable()
-
-    def _warn_zeros(self, targets: list[Target]) -> None:
-        zeros, total, layers = zero_entries(targets)
-        if zeros and not self._zero_warned:
-            self._zero_warned = True
-            warnings.warn(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
-                          f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
-                          f"{' ...' if len(layers) > 8 else ''}.", stacklevel=3)
 
     def _refresh_trainable(self) -> None:
         for _, _, adapted in self.adapted_weights():
@@ -199,18 +167,14 @@ class LieRAModel(nn.Module):
         self._refresh_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before deleting it.")
         self.known(adapter_name)
-        merged = [k for k, _, a in self.adapted_weights() if adapter_name in a.merged]
-        if merged:
-            raise ValueError(f"adapter {adapter_name!r} is merged into {len(merged)} weights (e.g. {merged[:2]}); "
-                             f"unmerge_adapter() before deleting it.")
         for _, owner, adapted in list(self.adapted_weights()):
             if adapter_name in adapted:
                 adapted.remove(adapter_name)
             if len(adapted) == 0:
-                delattr(owner, ADAPTER_PREFIX + adapted.param_name)
-                if not adapted_weights_of(owner):
-                    remove_hooks(owner)
+                detach(owner, adapted)
         del self.peft_config[adapter_name]
         self._frozen.discard(adapter_name)
         self._active = [n for n in self._active if n != adapter_name]
@@ -252,7 +216,7 @@ class LieRAModel(nn.Module):
 
     def unmerge_adapter(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> None:
         """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""
-        names = None if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = None if adapter_names is None else self.known(adapter_names)
         for _, owner, adapted in self.adapted_weights():
             adapted.unmerge(adapted.owner_weight(owner), names, dtype)
 
@@ -270,8 +234,7 @@ class LieRAModel(nn.Module):
 
     def _strip(self) -> nn.Module:
         for _, owner, adapted in list(self.adapted_weights()):
-            delattr(owner, ADAPTER_PREFIX + adapted.param_name)
-            remove_hooks(owner)
+            detach(owner, adapted)
         self.peft_config.clear()
         self._active = []
         return self.base_model

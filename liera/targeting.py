@@ -177,18 +177,15 @@ def saved_parameters(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Para
     return out
 
 
-def zero_entries(targets: list[Target]) -> tuple[int, int, list[str]]:
-    """(entries exactly zero, all entries, "layer (count)" per layer with zeros): weights a multiplicative update
-    cannot move."""
-    total = zeros = 0
-    layers = []
-    for t in targets:
-        z = int((t.weight == 0).sum())
-        total += t.weight.numel()
-        zeros += z
-        if z:
-            layers.append(f"{t.key} ({z})")
-    return zeros, total, layers
+def warn_zero_entries(targets: list[Target], stacklevel: int = 3) -> bool:
+    """Warn (and return True) if some adapted entries are exactly zero: a multiplicative update cannot move them."""
+    layers = [f"{t.key} ({int((t.weight == 0).sum())})" for t in targets if (t.weight == 0).any()]
+    zeros, total = sum(int((t.weight == 0).sum()) for t in targets), sum(t.weight.numel() for t in targets)
+    if zeros:
+        warnings.warn(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
+                      f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
+                      f"{' ...' if len(layers) > 8 else ''}.", stacklevel=stacklevel)
+    return bool(zeros)
 
 
 def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) -> list[tuple[Target, Generator,

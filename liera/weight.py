@@ -437,6 +437,25 @@ def redirect_post_hook(module: nn.Module, args, output) -> None:
         stack.pop().__exit__(None, None, None)
 
 
+def attach(owner: nn.Module, param_name: str, name: str, generator: Generator, settings: AdapterSettings) -> None:
+    """Give ``owner.<param_name>`` the adapter ``name``: its AdaptedWeight child (made on first use) and the hooks."""
+    child = ADAPTER_PREFIX + param_name
+    adapted = owner._modules.get(child)
+    if adapted is None:
+        adapted = AdaptedWeight(param_name)
+        owner.add_module(child, adapted)
+    adapted.train(owner.training)
+    adapted.add(name, generator, settings)
+    install_hooks(owner)
+
+
+def detach(owner: nn.Module, adapted: AdaptedWeight) -> None:
+    """Remove an AdaptedWeight from its owner (and the hooks with the last one); the weight itself stays as it is."""
+    delattr(owner, ADAPTER_PREFIX + adapted.param_name)
+    if not adapted_weights_of(owner):
+        remove_hooks(owner)
+
+
 def install_hooks(module: nn.Module) -> None:
     """Register the redirect hooks on an owner module once."""
     if any(h is redirect_pre_hook for h in module._forward_pre_hooks.values()):

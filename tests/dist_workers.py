@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_distributed.py (2 processes, gloo, CPU). Results go to files."""
+"""Worker functions for tests/integrations/test_distributed.py (2 processes, gloo, CPU). Results go to files."""
 import copy
 import os
 

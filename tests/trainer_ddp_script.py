@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: LieRATrainer on a tiny LLaMA, 2 processes (gloo)."""
+"""Run by tests/integrations/test_distributed.py under torchrun: LieRATrainer on a tiny LLaMA, 2 processes (gloo)."""
 import json
 import os
 import sys
