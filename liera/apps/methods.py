@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from ..config import LieRAConfig
-from ..group import EXP_MAPS
+from ..group import ADDITIVE, EXACT, EXP_MAPS, MULTIPLICATIVE, TAYLOR
 
 LIERA, PEFT, PROBE, FULL = "liera", "peft", "probe", "full"
 DOMAINS = ("image", "text", "lm")
@@ -41,7 +41,7 @@ class Method:
 
     @property
     def multiplicative(self) -> bool:
-        return self.family == LIERA and self.options.get("update", "multiplicative") == "multiplicative"
+        return self.family == LIERA and self.options.get("update", MULTIPLICATIVE) == MULTIPLICATIVE
 
     def rate(self, domain: str) -> float:
         if domain not in self.rates:
@@ -58,7 +58,7 @@ class Method:
     def with_exp_map(self, exp_map: Optional[str]) -> "Method":
         """This method under another exp map: a table entry when one matches (liera-taylor -> liera-exact), else
         the same method with its map replaced (liera-rms keeps its scaling)."""
-        if exp_map is None or self.options.get("exp_map", "taylor") == exp_map:
+        if exp_map is None or self.options.get("exp_map", TAYLOR) == exp_map:
             return self
         if not self.multiplicative:
             raise ValueError(f"an exp map applies to LieRA's multiplicative methods "
@@ -74,12 +74,12 @@ class Method:
 
 _TABLE = [
     Method("linear-probe", "linear probe", PROBE, rates={"image": 3e-2, "text": 1e-2}),
-    Method("lora", "LoRA (liera, additive update)", LIERA, {"update": "additive"},
+    Method("lora", "LoRA (liera, additive update)", LIERA, {"update": ADDITIVE},
            {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
-    Method("liera-taylor", "LieRA-Taylor (the paper's form)", LIERA, {"exp_map": "taylor"},
+    Method("liera-taylor", "LieRA-Taylor (the paper's form)", LIERA, {"exp_map": TAYLOR},
            {"image": 1e-3, "text": 3e-3, "lm": 3e-3}),
-    Method("liera-exact", "LieRA-exact", LIERA, {"exp_map": "exact"}, {"image": 1e-3, "text": 3e-3, "lm": 3e-3}),
-    Method("liera-rms", "LieRA-Taylor + rms scaling", LIERA, {"exp_map": "taylor", "layer_scaling": "rms"},
+    Method("liera-exact", "LieRA-exact", LIERA, {"exp_map": EXACT}, {"image": 1e-3, "text": 3e-3, "lm": 3e-3}),
+    Method("liera-rms", "LieRA-Taylor + rms scaling", LIERA, {"exp_map": TAYLOR, "layer_scaling": "rms"},
            {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
     Method("full", "full fine-tuning", FULL, rates={"image": 3e-4, "text": 5e-5, "lm": 5e-5}),
     Method("peft-lora", "PEFT LoRA", PEFT, {"peft": "lora"}, {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),

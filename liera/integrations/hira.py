@@ -20,7 +20,7 @@ from .. import io
 from ..config import LieRAConfig
 from ..group import MULTIPLICATIVE, TAYLOR
 from ..layers import kind_of
-from ..model import LieRAModel
+from ..model import DEFAULT_ADAPTER, LieRAModel
 from ..targeting import MODULES_TO_SAVE
 
 PREFIX = "base_model.model."
@@ -104,7 +104,7 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: Optio
     io.atomic_write(directory / io.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = "default",
+def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT_ADAPTER,
                 is_trainable: bool = False) -> LieRAModel:
     """Load a PEFT HiRA adapter as a liera adapter (LieRA-Taylor, LoRA generator, scale folded in)."""
     directory = Path(directory)

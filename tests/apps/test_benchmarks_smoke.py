@@ -59,3 +59,15 @@ def test_peft_method_quick(tmp_path, capsys):
     assert all(set(s["variants"]) == {"liera", "peft-liera", "peft-lora", "liera-2"} for s in shapes)
     assert all(s["ratios"]["peft-liera / liera"]["peak"] == 1.0 for s in shapes)  # the same tensors, exactly
     assert "| peft-liera / liera |" in capsys.readouterr().out
+
+
+def test_profile_llm_step_smoke(tmp_path):
+    import json
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "profile.json"
+    assert load("profile_llm_step").main(["--smoke", "--arms", "peft-lora,liera-taylor", "--out", str(out)]) == 0
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {"peft-lora", "liera-taylor"}
+    assert all(a["matmul_s"] > 0 and abs(sum(v for k, v in a.items() if k != "total_s") - a["total_s"]) < 1e-6
+               for a in arms.values())

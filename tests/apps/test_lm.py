@@ -1,5 +1,6 @@
 """The causal-LM path (liera.apps.lm, lmtasks, `liera finetune` on a language-model task): the code on a tiny random
 LLaMA in seconds; the real SmolLM2-135M only where its wheel is installed (and then in the smoke step)."""
+import copy
 import importlib.util
 import json
 import warnings
@@ -68,7 +69,7 @@ def test_every_language_model_arm_builds_and_trains(tiny):
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arm, _ = prepare_arm(method, __import__("copy").deepcopy(model), r=2, alpha=4.0,
+            arm, _ = prepare_arm(method, copy.deepcopy(model), r=2, alpha=4.0,
                                  target_modules=list(lm.LLAMA_TARGETS), full_scope="targets")
         counts[method] = trainable_count(arm)
         fit = lm.fit_lm(arm, data, epochs=1, lr=1e-2, batch_size=16, show_progress=False)
@@ -83,7 +84,7 @@ def test_training_lowers_the_answer_loss(tiny):
     task, model, tokenizer = tiny
     data = lm.encode(task, "train", tokenizer)
     torch.manual_seed(0)
-    arm, _ = prepare_arm("liera-rms", __import__("copy").deepcopy(model), r=4, alpha=8.0,
+    arm, _ = prepare_arm("liera-rms", copy.deepcopy(model), r=4, alpha=8.0,
                          target_modules=list(lm.LLAMA_TARGETS))
     before = lm.score(arm, data)["loss"]
     lm.fit_lm(arm, data, epochs=8, lr=3e-2, batch_size=16, show_progress=False)
@@ -95,14 +96,14 @@ def test_finetune_runs_a_language_model_task_and_writes_the_adapter(tiny, tmp_pa
     from liera.apps import finetune
 
     task, model, tokenizer = tiny
-    monkeypatch.setattr(lm, "load_causal_lm", lambda name: (__import__("copy").deepcopy(model), tokenizer))
+    monkeypatch.setattr(lm, "load_causal_lm", lambda name: (copy.deepcopy(model), tokenizer))
     monkeypatch.setattr(finetune.causal, "get_lm_task", lambda name: task)
     run = finetune.run_finetune(data="wordnet-isa", out=tmp_path, method="liera-rms", r=2, epochs=1, batch_size=16,
                                 progress=False)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data_kind"] == "lm" and 0 <= results["test_accuracy"] <= 1
     assert results["zero_shot_test_accuracy"] is not None and results["options"]["lr"] == 1e-3
-    again = LieRAModel.from_pretrained(__import__("copy").deepcopy(model), tmp_path / "adapter")
+    again = LieRAModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
     data = lm.encode(task, "test", tokenizer)
     batch = data.batch([0, 1, 2])
     with torch.no_grad():

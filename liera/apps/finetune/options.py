@@ -32,7 +32,8 @@ def add_arguments(subparsers, description: str) -> argparse.ArgumentParser:
     p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default liera-rms: LieRA-Taylor with each "
                                     f"layer's step scaled by 1 / rms(W), the LieRA form that measured best)")
     p.add_argument("--r", "--rank", dest="r", type=int, help="rank of the generator (default 8); under torchrun write --rank: torchrun reads --r as an abbreviation of its own --rdzv-* options")
-    p.add_argument("--alpha", type=float, help="scale numerator, scale = alpha / r (default: r)")
+    p.add_argument("--alpha", type=float, help="scale numerator, scale = alpha / r (default: r; 2r for a language-model "
+                                               "task, as in the paper's LLaMA recipe)")
     p.add_argument("--exp-map", dest="exp_map", choices=list(EXP_MAPS),
                    help="the map of a LieRA method: with liera-taylor / liera-exact it picks between them; "
                         "with liera-rms (the default) it picks the map under the rms scaling")
