@@ -117,7 +117,7 @@ def meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started, int
 def arm_label(arm: str) -> str:
     """"liera-rms@dw" -> "LieRA-Taylor + rms scaling, stem + depthwise": the README's names."""
     method, targets = split_arm(arm)
-    return f"{label(method)}, {TARGET_NAMES[targets]}"
+    return f"{label(method)}, {TARGET_NAMES[targets]}" if get_method(method).adapts else label(method)
 
 
 def format_rate(rate: float) -> str:
@@ -154,10 +154,11 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
     except ImportError:
         warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)")
         return
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.6))
     markers = "osD^v<>PX*"
+    plain = FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}")
     for i, r in enumerate(results):
         colour, name = f"C{i % 10}", arm_label(r.method)
         if r.trainable_params and r.test_accuracy == r.test_accuracy:  # a legend, not labels that overlap
@@ -168,18 +169,21 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
             smooth = [sum(r.losses[i:i + k]) / len(r.losses[i:i + k]) for i in range(0, len(r.losses), k)]
             ax2.plot([j * k for j in range(len(smooth))], smooth, color=colour, label=r.method)
     ax1.set_xscale("log")
-    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v >= 1000 else f"{v:g}"))
-    ax1.xaxis.set_minor_formatter(NullFormatter())  # only the decades: minor labels ran together
+    ax1.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels also within one decade
+    ax1.xaxis.set_major_formatter(plain)
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # minor labels ran together
     ax1.set_xlabel("trainable parameters (log)")
     ax1.set_ylabel("test accuracy")
     ax1.set_title(f"{info['task']}, r={info['r']}")
-    ax1.legend(fontsize=7, loc="lower right")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax1.grid(alpha=0.3)
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss (log)")
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(plain)
+    ax2.yaxis.set_minor_formatter(plain)
     ax2.set_title("training loss")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
