@@ -15,7 +15,6 @@ not one per token).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lmtasks import SMOLLM2, SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, ChoiceTask, package_file
-from .progress import progress
+from .progress import progress, quiet_transformers
 
 SYSTEM_PROMPT = "Answer with one word."
 # the layers the paper adapts on LLaMA (Table 9): Q, K, V, Up, Down
@@ -62,7 +61,7 @@ def smollm2_folder(show_progress: bool = True) -> Path:
 
     print(f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)",
           flush=True)
-    with _quiet_transformers(show_progress):
+    with quiet_transformers(show_progress):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # the dequantised weights are plain float32 now: drop the GGUF marker so that the folder saves and loads as such
@@ -90,23 +89,6 @@ def smollm2_folder(show_progress: bool = True) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def _quiet_transformers(show_progress: bool = False):
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    if not show_progress:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for the built-in "smollm2-135m" or a local transformers folder of a causal LM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +96,7 @@ def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
     folder = smollm2_folder() if name == SMOLLM2 else Path(name)
     if not folder.is_dir():
         raise ValueError(f"{name!r} is neither {SMOLLM2!r} nor a transformers model folder (with config.json).")
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if tokenizer.pad_token_id is None:

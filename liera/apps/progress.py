@@ -1,7 +1,10 @@
-"""Progress bars for long work (training, merges): tqdm when it is installed, else nothing."""
+"""What long work shows: progress bars (tqdm when it is installed, else nothing), and transformers kept quiet while
+it loads a model (its load reports and bars are noise where the user asked for nothing new)."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import warnings
+from typing import Iterator, Optional
 
 
 def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
@@ -13,3 +16,26 @@ def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = T
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def quiet_transformers(show_progress: bool = False) -> Iterator[None]:
+    """transformers' logging at error level, its warnings ignored and (unless show_progress) its bars off."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is optional
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..efficientnet import load_efficientnet_lite0
+from ..progress import quiet_transformers
 from .constants import BUILTIN_MODELS
 
 
@@ -31,28 +31,6 @@ class _Model:
     resolution: Optional[int] = None
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints a load report for every new head; the user knows the head is new."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _transformers_dir(path: Path) -> Path:
@@ -81,7 +59,7 @@ def _load_transformers(path: Path, kind: str, classes: list[str], name: str) -> 
                   label2id={c: i for i, c in enumerate(classes)})
     auto = transformers.AutoModelForSequenceClassification if kind == "text" else transformers.AutoModelForImageClassification
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             module = auto.from_pretrained(str(path), local_files_only=True, ignore_mismatched_sizes=True, **labels)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"cannot load {str(path)!r} as a transformers {auto.__name__[9:]} model "
@@ -89,7 +67,7 @@ def _load_transformers(path: Path, kind: str, classes: list[str], name: str) -> 
                          f"of a model with a {'sequence' if kind == 'text' else 'image'} classification head class.") from exc
     if kind == "text":
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot load a tokenizer from {str(path)!r} ({type(exc).__name__}: {str(exc)[:200]}); "
