@@ -51,7 +51,7 @@ def add_arguments(subparsers, description: str) -> argparse.ArgumentParser:
     p.add_argument("--text-column", dest="text_column", help="default: text")
     p.add_argument("--label-column", dest="label_column", help="default: label")
     p.add_argument("--out", help="output directory (default liera-finetune)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other jobs leave free)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

@@ -68,8 +68,7 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; give a directory for the adapter and results.json.")
     threads = torch.get_num_threads()
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    torch.set_num_threads(training.pick_threads(opts["threads"]))  # the cores other jobs leave free, or --threads
     try:
         if opts["data"] in LM_DATA:
             return run_causal_lm(opts, chosen, out)
