@@ -87,6 +87,7 @@ from liera.apps.methods import get_method
 
 R, ALPHA = 16, 16
 VARIANTS = ["liera-taylor", "liera-exact", "peft-lora", "peft-dora", "peft-hira", "full", "frozen"]  # method table names + a frozen baseline
+OLD_NAMES = {"full": "full-ft"}  # what result files written before the method table call a variant
 LIERA = ("liera-taylor", "liera-exact")
 PEAK_STEPS = 2  # the optimizer state (if any) appears in the first; the second runs with the first's graph alive
 
@@ -450,7 +451,8 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def _get(result: dict, name: str, field_: str) -> Optional[float]:
-    v = result["variants"].get(name, {})
+    variants = result["variants"]
+    v = variants.get(name, variants.get(OLD_NAMES.get(name, ""), {}))
     return v.get(field_) if v.get("status") == "ok" else None
 
 

@@ -5,13 +5,12 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .generators import LAYER_SCALINGS, get_generator
 from .group import TAYLOR, MULTIPLICATIVE, check_update, exp_map
-from .names import pattern_matches
+from .names import pattern_matches, warn_user
 from .version import __version__
 
 LIBRARY = "liera"
@@ -157,7 +156,7 @@ class LieRAConfig:
             raise ValueError(f"this is a PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r}, written by PEFT's "
                              f"save_pretrained), not a liera adapter folder: load it with PEFT after `{PEFT_IMPORT}` "
                              f"(then peft.PeftModel.from_pretrained(model, path)), or convert it to liera's format "
-                             f"with liera.integrations.peft.peft_to_liera(path, out_dir).")
+                             f"(`liera convert PATH --to liera --out DIR`, or liera.integrations.peft.peft_to_liera).")
         if library != LIBRARY:
             kind = data.get("peft_type") or library or "unknown"
             raise ValueError(f"this adapter config belongs to {kind!r}, not liera; load it with that library "
@@ -197,8 +196,7 @@ def _pattern_value(pattern: dict, field_name: str, path: str, param_name: str, d
         hit, old_form = _key_matches(key, path, param_name)
         if hit:
             if old_form:
-                warnings.warn(f"{field_name} key {key!r} names the weight ({path}.{param_name}); keys name module paths, "
-                              f"as in PEFT: use {path!r}. The weight form still works but will be removed.",
-                              FutureWarning, stacklevel=4)
+                warn_user(f"{field_name} key {key!r} names the weight ({path}.{param_name}); keys name module paths, "
+                          f"as in PEFT: use {path!r}. The weight form still works but will be removed.", FutureWarning)
             return value
     return default

@@ -85,8 +85,8 @@ class LieRAModel(nn.Module):
         """weight key -> the learned update W_eff - W of the given adapters (default: the live ones), in ``dtype``
         or wider. Merged adapters are already in W: their update is not repeated here."""
         names = None if adapter_names is None else self.known(adapter_names)
-        return {key: adapted.delta(adapted.owner_weight(owner),
-                                   None if names is None else [n for n in names if n in adapted], dtype)
+        return {key: adapted.delta(adapted.owner_weight(owner), None if names is None else
+                                   [n for n in names if n in adapted and n not in adapted.merged], dtype)
                 for key, owner, adapted in self.adapted_weights()}
 
     @property

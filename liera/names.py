@@ -8,7 +8,10 @@ patterns, and the model-free tools all match through here).
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
+import warnings
 from typing import Iterable, Optional, Union
 
 Spec = Union[str, Iterable[str]]
@@ -32,3 +35,15 @@ def pattern_matches(key: str, name: str) -> bool:
 def pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
     """The first of ``keys`` that names ``name`` (None when none does)."""
     return next((k for k in keys if pattern_matches(k, name)), None)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointing at the first frame outside liera: the user's line that named the target or pattern,
+    however deep inside liera the check runs (a fixed stacklevel points into liera from some entry points)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of this function
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

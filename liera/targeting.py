@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .config import TARGET_SHORTCUTS, LieRAConfig
 from .generators import Generator
 from .layers import LayerKind, kind_of, supported_kinds_text
-from .names import name_matches
+from .names import name_matches, warn_user
 from .weight import ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, build_adapter, is_sharded
 
 MODULES_TO_SAVE = "modules_to_save"  # file keys of tensors trained in full: "modules_to_save.<path>.<name>"
@@ -145,7 +145,7 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                        f"adapt {len(targets)} weights); closest module names: {_closest(unused, names)}.")
             if strict:
                 raise ValueError(message)
-            warnings.warn(message + " Pass strict=True to make this an error.", UserWarning, stacklevel=4)
+            warn_user(message + " Pass strict=True to make this an error.")
     if not targets:
         wanted = spec if isinstance(spec, list) else [str(spec)]
         raise ValueError(f"target_modules={spec!r} matches no supported module of {type(model).__name__}"
@@ -193,9 +193,8 @@ def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
     """(target, generator, settings) for every weight the config adapts, built but not attached."""
     targets = find_targets(model, config, strict=strict)
     for field_name, keys in config.unmatched_patterns([(t.path, t.param_name) for t in targets]).items():
-        warnings.warn(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
-                      f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), "
-                      f"as in PEFT.", UserWarning, stacklevel=4)
+        warn_user(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
+                  f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), as in PEFT.")
     plan = []
     for target in targets:
         weight = target.weight

@@ -1,5 +1,6 @@
-"""Applications built on the library: the `liera` command line (`demo`, `finetune`, `merge`, `inspect`), the
-small training loop and method arms they share, the carried data sets and the exact memory counter they report.
+"""Applications built on the library: the `liera` command line (`demo`, `finetune`, `merge`, `inspect`,
+`convert`), the method table, the training loops and arms they share, the language-model path, the carried data
+sets and the exact memory counter they report.
 
 Nothing in the library core (``liera/*.py``, ``generators/``, ``layers/``) imports from here.
 """

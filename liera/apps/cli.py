@@ -6,6 +6,7 @@ Each command registers its arguments, and imports what it needs, only when it is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -38,7 +39,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", action="append", metavar="METHOD=LR", help="override a learning rate, e.g. lora=1e-3")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; use 1 when other jobs share the cores)")
+                   help="torch CPU threads (default: the cores other jobs leave free, from the load average)")
     p.add_argument("--quick", action="store_true", help="smoke run in seconds (tiny data, 1 epoch)")
     p.add_argument("--no-progress", action="store_true")
     return _demo
@@ -107,7 +108,13 @@ def _convert(args) -> int:
     from ..integrations import peft as peft_method
 
     convert = peft_method.liera_to_peft if args.to == "peft" else peft_method.peft_to_liera
-    convert(args.adapter, args.out)
+    try:
+        convert(args.adapter, args.out)
+    except ValueError as exc:
+        if "base_model=" in str(exc):  # only the Python function can be given the model
+            raise ValueError(f"{exc} The command line cannot load your model: call "
+                             f"liera.integrations.peft.liera_to_peft(adapter, out, base_model=model) from Python.") from None
+        raise
     print(f"wrote {args.out} ({'PEFT LIERA' if args.to == 'peft' else 'liera'} format)")
     return 0
 
@@ -141,6 +148,14 @@ def _command_of(argv: Sequence[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `liera inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
     parser = build_parser(command if command in COMMANDS else "")

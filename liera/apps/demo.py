@@ -56,7 +56,8 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
         split_arm(m)  # an unknown method or target set: ValueError naming the choices
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(pick_threads(threads))
-    lrs = {**{m: arm_rate(m) for m in methods}, **(lrs or {})}
+    given = lrs or {}
+    lrs = {**{m: arm_rate(m) for m in methods if m not in given and split_arm(m)[0] not in given}, **given}
     alpha = float(alpha if alpha is not None else r)
     task = fashion_mnist_1k(test_size)
     nhwc = torch.channels_last  # faster for this CNN on CPU (measured: 8 arms 339 s vs about 60% longer without)
@@ -74,7 +75,7 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     try:
         for arm in methods:
             method, targets = split_arm(arm)
-            lr = lrs.get(arm, lrs.get(method, arm_rate(arm)))
+            lr = lrs[arm] if arm in lrs else lrs[method]
             try:
                 result, _ = run_arm(method, lambda: copy.deepcopy(template), (x_train, y_train, x_test, y_test),
                                     head=HEAD, r=r, alpha=alpha, target_modules=TARGET_SETS[targets], lr=lr,

@@ -1,6 +1,6 @@
 """The paper recipes under examples/ stay runnable: each ``main(["--smoke", "--out", tmp])`` builds a tiny
 random-config model of the recipe's class, trains 2 steps on synthetic data, evaluates, and writes a
-metrics.json with finite numbers and the adapter files. All four run in one process (the transformers and
+metrics.json with finite numbers and the adapter files. All five run in one process (the transformers and
 diffusers imports are paid once)."""
 import importlib.util
 import json

@@ -1,5 +1,6 @@
 """Bad input raises a clear error naming the problem and the fix, and leaves the model untouched."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,9 @@ def test_strict_makes_an_unmatched_target_entry_an_error_and_changes_nothing():
     with pytest.raises(ValueError, match=r"entries \['conv_typo'\] match no module"):
         liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0", "conv_typo"]), strict=True)
     assert_untouched(model, snap, x, y0)
+
+
+def test_unmatched_target_and_pattern_warnings_point_at_the_users_line():
+    with pytest.warns(UserWarning) as record:
+        liera.get_liera_model(small_model(), liera.LieRAConfig(target_modules=["0", "typo"], rank_pattern={"nope": 2}))
+    assert {Path(w.filename).name for w in record if "match" in str(w.message)} == {Path(__file__).name}

@@ -4,7 +4,7 @@ Data (``--data``):
   * an image folder: ``root/<class>/<image>`` or ``root/train/<class>/<image>`` + ``root/test/<class>/<image>``
     (without a test split, 20% of each class is held out);
   * an ``.npz`` with ``train_x`` (N, H, W[, C]) uint8 (or float in [0, 1]), ``train_y`` (N,) and optionally
-    ``test_x``, ``test_y``;
+    ``test_x``, ``test_y`` (without them, 20% of each class is held out);
   * a ``.csv`` or ``.jsonl`` text table (``--text-column``, ``--label-column``; 20% held out for testing);
   * a built-in data set: ``fashion-1k`` (1,000 Fashion-MNIST images) or ``digits-1k`` (scikit-learn's digits);
   * a built-in language-model task: ``wordnet-isa`` ("Is a poodle a kind of dog?" yes/no) or ``drug-reviews``
@@ -23,12 +23,14 @@ Model (``--model``):
 
 Writes ``out/adapter`` (save_pretrained; PEFT's format for PEFT's methods), or for ``full`` and ``linear-probe``
 ``out/trainable.safetensors`` (the trained tensors under the model's own parameter names), and
-``out/results.json``. Every option can come from ``--config file.yaml|file.json`` (same names, dashes or
-underscores); flags given on the command line win.
+``out/results.json``. A language-model task adapts q_proj, k_proj, v_proj, up_proj and down_proj by default, with
+alpha = 2r; it has no head (``linear-probe`` is refused, ``full`` trains the targeted weights), and its
+results.json adds the validation accuracy and the base model's zero-shot accuracy. Every option can come from
+``--config file.yaml|file.json`` (same names, dashes or underscores); flags given on the command line win.
 
-Reloading: build the same base model (``factory(num_classes=N)``, ``AutoModelFor...from_pretrained(dir,
-num_labels=N)``, ...) and call ``LieRAModel.from_pretrained(base, "out/adapter")``; the adapter carries the
-trained head. Class ``i`` is ``results.json["classes"][i]``.
+Reloading a classifier: build the same base model (``factory(num_classes=N)``,
+``AutoModelFor...from_pretrained(dir, num_labels=N)``, ...) and call ``LieRAModel.from_pretrained(base,
+"out/adapter")``; the adapter carries the trained head. Class ``i`` is ``results.json["classes"][i]``.
 """
 import argparse
 

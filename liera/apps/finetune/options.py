@@ -40,7 +40,8 @@ def add_arguments(subparsers, description: str) -> argparse.ArgumentParser:
     p.add_argument("--generator", help="registered generator: lora (default), dora, pissa, loha, lokr, ...")
     p.add_argument("--target-modules", dest="target_modules",
                    help="comma-separated module names, a regex, or all-linear / all-conv / all "
-                        "(default: all-conv for CNNs, all-linear for transformers)")
+                        "(default: all-conv for CNNs, all-linear for transformers, q/k/v/up/down projections for a "
+                        "language-model task)")
     p.add_argument("--head", help=f"module trained in full (default: the first of {', '.join(HEAD_NAMES)})")
     p.add_argument("--epochs", type=int, help="default 5")
     p.add_argument("--lr", type=float, help="learning rate (default: per method and data kind)")
