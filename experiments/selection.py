@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from common import choose_rates, records
-from report import LABEL, LORA, ORDER, interval, pair_diffs
+from report import LABEL, LORA, ORDER, accuracy_index, interval, load, pair_diffs
 from vision import MODEL, VAL_FRACTION, record_name
 
 CURRENT = "val accuracy, seeds 0-1 (current)"
@@ -169,6 +169,20 @@ def rule_tables(rows: list[dict], labels: list[str]) -> list[str]:
     return lines
 
 
+def pooled_table(rows: list[dict], earlier: Path, tasks: list[str]) -> list[str]:
+    """LieRA − LoRA pooled over both networks: the earlier Lite0 study's test pairs at its chosen rates (report.py's
+    records, stem + depthwise) with this study's pairs under the current rule (same rule: validation accuracy,
+    seeds 0 and 1)."""
+    lite0 = accuracy_index(load(earlier, tasks, ["dw"]))
+    mine = [x for x in rows if x["rule"] == CURRENT and x["targets"] == "dw"]
+    here = sorted({f"{x['net']}/{x['task']}" for x in mine})
+    lines = ["| LieRA variant | Lite0 (earlier study) | this study | pooled |", "| --- | --- | --- | --- |"]
+    for method in [m for m in ORDER if m != LORA and any(x["method"] == m for x in mine)]:
+        old, new = pair_diffs(lite0, tasks, "dw", method), pair_diffs(index(mine), here, "dw", method)
+        lines.append(f"| {LABEL[method]} | {interval(old)} | {interval(new)} | {interval(old + new)} |")
+    return lines
+
+
 def synthetic(out: Path) -> None:
     """Records shaped like vision.py's (two tasks, ranks 2 and 4, three rates, three seeds, two validation splits)
     with made-up accuracies: --smoke exercises every table in seconds."""
@@ -185,6 +199,8 @@ def synthetic(out: Path) -> None:
                                          "seed": seed, "test_accuracy": acc, "loss": 1.0 - acc + rng.gauss(0, 0.01)})
             (out / f"{record_name(task, 'dw', MODEL, share)}-{stage}.jsonl").write_text(
                 "\n".join(json.dumps(x) for x in rows) + "\n")
+        earlier = [x for x in rows if x["lr"] == 3e-3]  # an "earlier study" at one chosen rate, for table (c)
+        (out / f"{task}-dw-test.jsonl").write_text("\n".join(json.dumps(x) for x in earlier) + "\n")
 
 
 def main(argv=None) -> int:
@@ -195,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="dw")
     p.add_argument("--val-fraction", type=float, default=0.4, help="the larger validation split's share")
     p.add_argument("--out", default=None, help="markdown file (with --smoke: a folder for the synthetic records)")
+    p.add_argument("--earlier", default=str(Path(__file__).parent / "records" / "conditioning"),
+                   help="the Lite0 study's records (report.py's), pooled with these; '' leaves them out")
     p.add_argument("--smoke", action="store_true", help="synthetic records in --out, then the tables (seconds)")
     args = p.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out) if args.out else None
@@ -202,7 +220,7 @@ def main(argv=None) -> int:
         runs = out or Path("runs/selection-smoke")
         runs.mkdir(parents=True, exist_ok=True)
         synthetic(runs)
-        args.models, args.tasks, out = MODEL, "fashion,digits", runs / "selection.md"
+        args.models, args.tasks, out, args.earlier = MODEL, "fashion,digits", runs / "selection.md", str(runs)
     rows = outcomes(runs, args.models.split(","), args.tasks.split(","), args.targets.split(","), args.val_fraction)
     if not rows:
         print(f"no select + test-grid records under {runs}", file=sys.stderr)
@@ -211,7 +229,11 @@ def main(argv=None) -> int:
     text = "\n".join(["(a) Validation-test gap at the rate the current rule chose (validation: mean over seeds 0 and "
                       "1 on the 20% split; test: mean over the test-grid seeds):", ""] + gap_tables(rows)
                      + ["", "(b) Test accuracy at each rule's rate (rate: accuracy (regret in points against the "
-                        "best rate on the test grid)):", ""] + rule_tables(rows, labels)) + "\n"
+                        "best rate on the test grid)):", ""] + rule_tables(rows, labels)
+                     + (["", "(c) Paired test difference LieRA − LoRA on stem + depthwise, points, mean and 95% t "
+                         "interval, the earlier Lite0 study pooled with this one (current rule):", ""]
+                        + pooled_table(rows, Path(args.earlier), ["fashion", "digits", "textures"])
+                        if args.earlier else [])) + "\n"
     print(text)
     if out:
         out.write_text(text)

@@ -131,6 +131,16 @@ def test_selection_rules_on_known_records(tmp_path):
     gap = selection.gap_tables(rows)
     assert "| lite0 | fashion | dw | 4 | LieRA-Taylor + rms scaling | 0.001 | 0.8500 | 0.7600 | +9.00 |" in gap
     assert "| lite0 | dw | LieRA-Taylor + rms scaling | +5.00 | +1.00 | +4.00 (n = 1) |" in gap
+    earlier = tmp_path / "earlier"  # report.py's records of the Lite0 study, pooled with these pairs in table (c)
+    earlier.mkdir()
+    (earlier / "digits-dw-test.jsonl").write_text("\n".join(json.dumps(
+        {"key": ["digits", "test", m, 4, 3e-3, s], "method": m, "r": 4, "lr": 3e-3, "seed": s, "test_accuracy": a})
+        for m, a in (("lora", 0.90), ("liera-rms", 0.92)) for s in (0, 1, 2)) + "\n")
+    old, new = [0.92 - 0.90] * 3, [0.76 - 0.75] * 3
+    assert selection.pooled_table(rows, earlier, ["digits"])[2] == (
+        f"| LieRA-Taylor + rms scaling | {selection.interval(old)} | {selection.interval(new)} | "
+        f"{selection.interval(old + new)} |")
+    assert selection.interval(old + new).startswith("+1.50 [")
 
 
 def test_memory_smoke(tmp_path):
