@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from . import io
 from .config import LieRAConfig
 from .group import MULTIPLICATIVE
+from .names import warn_user
 from .targeting import plan_adapter, saved_parameters, warn_zero_entries
 from .weight import AdaptedWeight, adapted_weights_of, attach, detach, is_sharded
 
@@ -203,7 +203,7 @@ class LieRAModel(nn.Module):
         names = self.known(adapter_names)
         already = sorted({n for _, _, a in self.adapted_weights() for n in names if n in a.merged})
         if already:
-            warnings.warn(f"adapter(s) {already} already merged; merging again changes nothing.", stacklevel=2)
+            warn_user(f"adapter(s) {already} already merged; merging again changes nothing.")
         jobs = [(key, a.owner_weight(owner), a, todo) for key, owner, a in self.adapted_weights()
                 for todo in [a.to_merge(names)] if todo]
         if safe_merge:
@@ -211,8 +211,8 @@ class LieRAModel(nn.Module):
                 adapted.check_merge(weight, todo, dtype, key)
         singular = sum(adapted.merge(weight, todo, dtype, keep_merge_copy) for _, weight, adapted, todo in jobs)
         if singular:
-            warnings.warn(f"merge: {singular} weight entries have a Taylor factor 1 + D near 0; unmerge_adapter() cannot "
-                          f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True).", stacklevel=2)
+            warn_user(f"merge: {singular} weight entries have a Taylor factor 1 + D near 0; unmerge_adapter() cannot "
+                      f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True).")
 
     def unmerge_adapter(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> None:
         """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""

@@ -5,6 +5,9 @@ patterns, and the model-free tools all match through here).
 * A string is a regular expression that must match the whole path.
 * A pattern key (rank_pattern, alpha_pattern) is a regular expression that matches the end of a path at a
   "." boundary: ``(.*\\.)?<key>`` must match the whole path, so a plain name works as an exact name or a suffix.
+
+``warn_user`` lives here too: every warning liera gives about what a user named (targets, patterns, weights,
+merges) points at the user's line through it.
 """
 from __future__ import annotations
 

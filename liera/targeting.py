@@ -4,7 +4,6 @@ Nothing here changes the model: LieRAModel attaches a plan only after every chec
 from __future__ import annotations
 
 import difflib
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -177,14 +176,14 @@ def saved_parameters(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Para
     return out
 
 
-def warn_zero_entries(targets: list[Target], stacklevel: int = 3) -> bool:
+def warn_zero_entries(targets: list[Target]) -> bool:
     """Warn (and return True) if some adapted entries are exactly zero: a multiplicative update cannot move them."""
     layers = [f"{t.key} ({int((t.weight == 0).sum())})" for t in targets if (t.weight == 0).any()]
     zeros, total = sum(int((t.weight == 0).sum()) for t in targets), sum(t.weight.numel() for t in targets)
     if zeros:
-        warnings.warn(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
-                      f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
-                      f"{' ...' if len(layers) > 8 else ''}.", stacklevel=stacklevel)
+        warn_user(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
+                  f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
+                  f"{' ...' if len(layers) > 8 else ''}.")
     return bool(zeros)
 
 

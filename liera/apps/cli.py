@@ -108,13 +108,7 @@ def _convert(args) -> int:
     from ..integrations import peft as peft_method
 
     convert = peft_method.liera_to_peft if args.to == "peft" else peft_method.peft_to_liera
-    try:
-        convert(args.adapter, args.out)
-    except ValueError as exc:
-        if "base_model=" in str(exc):  # only the Python function can be given the model
-            raise ValueError(f"{exc} The command line cannot load your model: call "
-                             f"liera.integrations.peft.liera_to_peft(adapter, out, base_model=model) from Python.") from None
-        raise
+    convert(args.adapter, args.out)
     print(f"wrote {args.out} ({'PEFT LIERA' if args.to == 'peft' else 'liera'} format)")
     return 0
 

@@ -57,7 +57,7 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(pick_threads(threads))
     given = lrs or {}
-    lrs = {**{m: arm_rate(m) for m in methods if m not in given and split_arm(m)[0] not in given}, **given}
+    lrs = {m: given.get(m, given.get(split_arm(m)[0], arm_rate(m))) for m in methods}  # the user's rate first
     alpha = float(alpha if alpha is not None else r)
     task = fashion_mnist_1k(test_size)
     nhwc = torch.channels_last  # faster for this CNN on CPU (measured: 8 arms 339 s vs about 60% longer without)
@@ -75,7 +75,7 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     try:
         for arm in methods:
             method, targets = split_arm(arm)
-            lr = lrs[arm] if arm in lrs else lrs[method]
+            lr = lrs[arm]
             try:
                 result, _ = run_arm(method, lambda: copy.deepcopy(template), (x_train, y_train, x_test, y_test),
                                     head=HEAD, r=r, alpha=alpha, target_modules=TARGET_SETS[targets], lr=lr,

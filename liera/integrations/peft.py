@@ -439,7 +439,8 @@ def _build_order(shapes: dict[str, tuple], base_model: Optional[nn.Module]) -> l
             if base_model is None:
                 raise ValueError(f"module {path!r} has {len(keys)} adapted parameters ({keys}); PEFT nests one wrapper "
                                  f"per parameter in the module's parameter order, which the files do not record: pass "
-                                 f"base_model= (the model the adapter was trained on).")
+                                 f"base_model= (the model the adapter was trained on) to liera_to_peft from Python; "
+                                 f"the `liera convert` command cannot load your model.")
             params = [f"{path}.{name}" for name, _ in base_model.get_submodule(path).named_parameters(recurse=False)]
             keys = [k for k in params if k in keys]
         order += keys

@@ -129,3 +129,16 @@ def test_unmatched_target_and_pattern_warnings_point_at_the_users_line():
     with pytest.warns(UserWarning) as record:
         liera.get_liera_model(small_model(), liera.LieRAConfig(target_modules=["0", "typo"], rank_pattern={"nope": 2}))
     assert {Path(w.filename).name for w in record if "match" in str(w.message)} == {Path(__file__).name}
+
+
+def test_zero_entry_and_merge_warnings_point_at_the_users_line():
+    model = small_model()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+    with pytest.warns(UserWarning) as record:
+        lm = liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0"]))
+        lm.merge_adapter()
+        lm.merge_adapter()  # again: nothing changes, and it says so
+    got = {("zero" if "exactly zero" in str(w.message) else "merge"): Path(w.filename).name for w in record
+           if "exactly zero" in str(w.message) or "already merged" in str(w.message)}
+    assert got == {"zero": Path(__file__).name, "merge": Path(__file__).name}
