@@ -178,8 +178,9 @@ def saved_parameters(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Para
 
 def warn_zero_entries(targets: list[Target]) -> bool:
     """Warn (and return True) if some adapted entries are exactly zero: a multiplicative update cannot move them."""
-    layers = [f"{t.key} ({int((t.weight == 0).sum())})" for t in targets if (t.weight == 0).any()]
-    zeros, total = sum(int((t.weight == 0).sum()) for t in targets), sum(t.weight.numel() for t in targets)
+    counts = {t.key: int((t.weight == 0).sum()) for t in targets}  # one pass over each weight
+    layers = [f"{key} ({n})" for key, n in counts.items() if n]
+    zeros, total = sum(counts.values()), sum(t.weight.numel() for t in targets)
     if zeros:
         warn_user(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
                   f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
