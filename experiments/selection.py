@@ -171,15 +171,58 @@ def rule_tables(rows: list[dict], labels: list[str]) -> list[str]:
 
 def pooled_table(rows: list[dict], earlier: Path, tasks: list[str]) -> list[str]:
     """LieRA − LoRA pooled over both networks: the earlier Lite0 study's test pairs at its chosen rates (report.py's
-    records, stem + depthwise) with this study's pairs under the current rule (same rule: validation accuracy,
-    seeds 0 and 1)."""
+    records, stem + depthwise) beside this study's pairs per network under the current rule (same rule: validation
+    accuracy, seeds 0 and 1), and all of them pooled."""
     lite0 = accuracy_index(load(earlier, tasks, ["dw"]))
     mine = [x for x in rows if x["rule"] == CURRENT and x["targets"] == "dw"]
-    here = sorted({f"{x['net']}/{x['task']}" for x in mine})
-    lines = ["| LieRA variant | Lite0 (earlier study) | this study | pooled |", "| --- | --- | --- | --- |"]
+    nets = sorted({x["net"] for x in mine})
+    lines = ["| LieRA variant | Lite0 (earlier study) | " + " | ".join(f"this study: {n}" for n in nets) + " | pooled |",
+             "| --- | --- |" + " --- |" * len(nets) + " --- |"]
     for method in [m for m in ORDER if m != LORA and any(x["method"] == m for x in mine)]:
-        old, new = pair_diffs(lite0, tasks, "dw", method), pair_diffs(index(mine), here, "dw", method)
-        lines.append(f"| {LABEL[method]} | {interval(old)} | {interval(new)} | {interval(old + new)} |")
+        old = pair_diffs(lite0, tasks, "dw", method)
+        new = {n: pair_diffs(index([x for x in mine if x["net"] == n]), sorted({f"{n}/{x['task']}" for x in mine}),
+                             "dw", method) for n in nets}
+        lines.append(f"| {LABEL[method]} | {interval(old)} | " + " | ".join(interval(new[n]) for n in nets)
+                     + f" | {interval(old + sum(new.values(), []))} |")
+    return lines
+
+
+def task_table(rows: list[dict]) -> list[str]:
+    """LieRA − LoRA per network x task x rank under the current rule (paired over the test seeds)."""
+    mine = [x for x in rows if x["rule"] == CURRENT]
+    methods = [m for m in ORDER if m != LORA and any(x["method"] == m for x in mine)]
+    lines = ["| network | task | targets | r | " + " | ".join(f"{LABEL[m]} − LoRA" for m in methods) + " |",
+             "| --- | --- | --- | ---: |" + " --- |" * len(methods)]
+    for net, task, tgt, r in sorted({(x["net"], x["task"], x["targets"], x["r"]) for x in mine}):
+        cell = [x for x in mine if (x["net"], x["task"], x["targets"], x["r"]) == (net, task, tgt, r)]
+        lines.append(f"| {net} | {task} | {tgt} | {r} | " + " | ".join(
+            interval(pair_diffs(index(cell), [f"{net}/{task}"], tgt, m, r)) for m in methods) + " |")
+    return lines
+
+
+def rate_tables(runs: Path, rows: list[dict]) -> list[str]:
+    """Per network x task x rank: every rate tried, validation accuracy (20% split, mean over the seeds run) and test
+    accuracy (mean ± sd over the test-grid seeds); the current rule's rate in bold."""
+    lines = []
+    for net, task, tgt, r in sorted({(x["net"], x["task"], x["targets"], x["r"]) for x in rows}):
+        model = f"efficientnet-{net}"
+        grid = records(runs / f"{record_name(task, tgt, model)}-test-grid.jsonl")
+        select = records(runs / f"{record_name(task, tgt, model)}-select.jsonl")
+        chosen = {x["method"]: x["lr"] for x in rows if x["rule"] == CURRENT
+                  and (x["net"], x["task"], x["targets"], x["r"]) == (net, task, tgt, r)}
+        rates = sorted({x["lr"] for x in grid if x["r"] == r})
+        lines += [f"{net}, {task}, {tgt}, r = {r} (validation / test):", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "| --- |" + " ---: |" * len(rates)]
+        for method in [m for m in ORDER if any(x["method"] == m for x in grid)]:
+            cells = []
+            for lr in rates:
+                test = [x["test_accuracy"] for x in grid if (x["method"], x["r"], x["lr"]) == (method, r, lr)]
+                val = mean_accuracy(select, method, r, lr)
+                text = "" if not test else (f"{val:.3f} / " if val is not None else "- / ") + (
+                    f"{statistics.mean(test):.4f} ± {statistics.stdev(test) if len(test) > 1 else 0:.4f}")
+                cells.append(f"**{text}**" if text and chosen.get(method) == lr else text)
+            lines.append(f"| {LABEL[method]} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
 
 
@@ -233,7 +276,12 @@ def main(argv=None) -> int:
                      + (["", "(c) Paired test difference LieRA − LoRA on stem + depthwise, points, mean and 95% t "
                          "interval, the earlier Lite0 study pooled with this one (current rule):", ""]
                         + pooled_table(rows, Path(args.earlier), ["fashion", "digits", "textures"])
-                        if args.earlier else [])) + "\n"
+                        if args.earlier else [])
+                     + ["", "(d) Paired test difference LieRA − LoRA per task (points, current rule):", ""]
+                     + task_table(rows)
+                     + ["", "(e) Every rate tried: validation accuracy (20% split, mean over its seeds) / test accuracy "
+                        "(mean ± sd over 3 seeds); the current rule's rate in bold:", ""]
+                     + rate_tables(runs, rows)) + "\n"
     print(text)
     if out:
         out.write_text(text)

@@ -131,6 +131,9 @@ def test_selection_rules_on_known_records(tmp_path):
     gap = selection.gap_tables(rows)
     assert "| lite0 | fashion | dw | 4 | LieRA-Taylor + rms scaling | 0.001 | 0.8500 | 0.7600 | +9.00 |" in gap
     assert "| lite0 | dw | LieRA-Taylor + rms scaling | +5.00 | +1.00 | +4.00 (n = 1) |" in gap
+    assert selection.task_table(rows)[2] == "| lite0 | fashion | dw | 4 | +1.00 [+1.00, +1.00] (n = 3) |"
+    rates = selection.rate_tables(tmp_path, rows)  # validation over seeds 0-2, test mean ± sd, the current rule's in bold
+    assert "| LoRA (liera, additive update) | **0.767 / 0.7500 ± 0.0000** | 0.833 / 0.7800 ± 0.0000 |" in rates
     earlier = tmp_path / "earlier"  # report.py's records of the Lite0 study, pooled with these pairs in table (c)
     earlier.mkdir()
     (earlier / "digits-dw-test.jsonl").write_text("\n".join(json.dumps(
