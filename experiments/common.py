@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 RANK_FREE = ("linear-probe", "full")  # no rank: run once, at the first rank given
@@ -62,6 +63,31 @@ def ladder_step(rate: float, up: bool) -> float:
     """The neighbour of a rate on the 1-3-10 ladder (1e-3 <-> 3e-3 <-> 1e-2 ...)."""
     ones = f"{rate:.0e}"[0] == "1"
     return float(f"{rate * (3.0 if ones else 10 / 3) if up else rate / (10 / 3 if ones else 3.0):.0e}")
+
+
+def widen_edges(grids: dict, chosen: dict) -> dict:
+    """One x3 step past the edge where a method's chosen rate is its grid's lowest or highest (a rate the grid
+    already holds is not added twice)."""
+    out = {}
+    for method, rates in grids.items():
+        rates = sorted(rates)
+        if chosen.get(method) == rates[-1]:
+            rates.append(ladder_step(rates[-1], up=True))
+        elif chosen.get(method) == rates[0]:
+            rates.insert(0, ladder_step(rates[0], up=False))
+        out[method] = rates
+    return out
+
+
+def wait_for(path: Path, keys: set, timeout_s: float = 3 * 3600, poll_s: float = 10.0) -> bool:
+    """Wait until every run key is recorded in path (processes sharding one plan: the others' runs too), so that a
+    widening step reads the whole plan's results; False if that takes longer than timeout_s."""
+    start = time.time()
+    while not keys <= done(path):
+        if time.time() - start > timeout_s:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def parse_lrs(text: str) -> dict:

@@ -39,7 +39,7 @@ from liera.apps.memory import TensorMemory  # noqa: E402
 from liera.apps.methods import get_method, label  # noqa: E402
 from liera.apps.training import prepare_arm, trainable_count  # noqa: E402
 
-from common import choose_rates, done, ladder_step, log, records  # noqa: E402
+from common import choose_rates, done, log, records, wait_for, widen_edges  # noqa: E402
 
 ARMS = ("lora", "liera-taylor", "liera-rms", "liera-exact", "peft-lora", "peft-dora", "peft-hira")
 RATE_AS = {"liera-exact": "liera-taylor"}  # arms that take another arm's chosen rate
@@ -113,20 +113,6 @@ def chosen_rates(path: Path) -> dict:
         if src in chosen:
             chosen.setdefault(dst, chosen[src])
     return chosen
-
-
-def widen(grids: dict, path: Path) -> dict:
-    """One x3 step past an edge where an arm's best rate sits on it (unless that step was tried)."""
-    chosen = chosen_rates(path)
-    out = {}
-    for method, rates in grids.items():
-        rates = sorted(rates)
-        if chosen.get(method) == rates[-1]:
-            rates.append(ladder_step(rates[-1], up=True))
-        elif chosen.get(method) == rates[0]:
-            rates.insert(0, ladder_step(rates[0], up=False))
-        out[method] = rates
-    return out
 
 
 def cost(args, base, tokenizer, task) -> dict:
@@ -252,8 +238,10 @@ def main(argv=None) -> int:
         for extra in range(args.widen + 1):
             plan = [(m, lr, s) for m in grids for lr in grids[m] for s in seeds]
             execute(args, "select", plan, base, train, scored, "validation", path)
-            if extra < args.widen:
-                grids = widen(grids, path)
+            if extra < args.widen:  # with --shard, every shard waits for the whole plan before it widens
+                if not wait_for(path, {tuple(key(args, "select", *run)) for run in plan}):
+                    break
+                grids = widen_edges(grids, chosen_rates(path))
         chosen = chosen_rates(path)
         (out / f"{args.task}-chosen.json").write_text(json.dumps(chosen, indent=2))
         print("chosen on validation:", chosen)

@@ -39,7 +39,7 @@ from liera.apps.data import digits_1k, elpv_1k, fashion_mnist_1k, textures_1k, t
 from liera.apps.efficientnet import HEAD, MODELS, TARGET_SETS as TARGETS, load_efficientnet
 from liera.apps.training import method_free_config, run_arm
 
-from common import (RANK_FREE, add_common_arguments, choose_rates, done, ladder_step, log, parse_lrs, read,
+from common import (RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read, wait_for, widen_edges,
                     write_summary)
 from common import records as load_records
 
@@ -146,9 +146,11 @@ def main(argv=None) -> int:
             plan = [(m, r, lr, s) for m in methods for r in (ranks[:1] if m in RANK_FREE else ranks)
                     for lr in grids[m] for s in seeds]
             run_plan(plan, data)
-            if extra == args.widen or shards > 1 and not wait_for(records, plan, args):
+            if extra == args.widen or shards > 1 and not wait_for(
+                    records, {tuple(run_key(args, *run)) for run in plan}):
                 break
-            grids = widen(grids, {k: v for k, v in read(records).items() if k[1] in ranks})
+            tried = {k: v for k, v in read(records).items() if k[1] in ranks and k[2] in grids.get(k[0], [])}
+            grids = widen_edges(grids, choose_rates(tried))
     elif args.stage == "test-grid":
         tried = tried_rates(out, name)
         plan = [(m, r, lr, s) for m in methods for r in (ranks[:1] if m in RANK_FREE else ranks)
@@ -239,33 +241,6 @@ def execute(plan, data, args, template, records: Path, shard: int, shards: int) 
         log(records, rec)
         print(f"[{i + 1}/{len(plan)}] {args.model} {args.task}/{args.targets} {args.stage} {method} r={r} lr={lr:g} "
               f"seed={seed}: acc {result.test_accuracy:.4f} ({time.time() - t:.0f} s)", flush=True)
-
-
-def wait_for(records: Path, plan, args, timeout_s: float = 3 * 3600) -> bool:
-    """With shards, wait until every run of the plan is recorded (the other shard's too) before widening."""
-    want = {tuple(run_key(args, m, r, lr, s)) for m, r, lr, s in plan}
-    start = time.time()
-    while not want <= done(records):
-        if time.time() - start > timeout_s:
-            return False
-        time.sleep(10)
-    return True
-
-
-def widen(grids: dict, groups: dict) -> dict:
-    """One x3 step past the edge where a method's best rate (mean validation accuracy) is the grid's lowest or
-    highest, unless the step beyond has already been tried."""
-    chosen = choose_rates({k: v for k, v in groups.items() if k[2] in grids.get(k[0], [])})
-    out = {}
-    for method, rates in grids.items():
-        rates = sorted(rates)
-        best = chosen.get(method)
-        if best == rates[-1]:
-            rates.append(ladder_step(rates[-1], up=True))
-        elif best == rates[0] and len(rates) > 1:
-            rates.insert(0, ladder_step(rates[0], up=False))
-        out[method] = rates
-    return out
 
 
 def update_stats(updates: list) -> list:

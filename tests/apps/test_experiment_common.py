@@ -1,0 +1,54 @@
+"""experiments/common.py: the rate ladder, the rate choice and the edge widening that vision.py and llm.py share."""
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+try:
+    from common import choose_rates, ladder_step, log, wait_for, widen_edges
+finally:
+    sys.path.pop(0)
+
+
+def test_ladder_steps_one_three_ten():
+    assert [ladder_step(r, up=True) for r in (1e-3, 3e-3, 1e-2)] == [3e-3, 1e-2, 3e-2]
+    assert [ladder_step(r, up=False) for r in (1e-3, 3e-3, 1e-2)] == [3e-4, 1e-3, 3e-3]
+
+
+def test_choose_rates_ties_keep_the_lower_rate_or_the_lower_loss():
+    groups = {("lora", 4, 1e-3): [{"test_accuracy": 0.8, "loss": 0.5}],
+              ("lora", 4, 3e-3): [{"test_accuracy": 0.8, "loss": 0.4}],
+              ("rms", 4, 1e-3): [{"test_accuracy": 0.7, "loss": 0.3}],
+              ("rms", 4, 3e-3): [{"test_accuracy": 0.9, "loss": 0.6}]}
+    assert choose_rates(groups) == {"lora": 1e-3, "rms": 3e-3}
+    assert choose_rates(groups, tie_break="loss") == {"lora": 3e-3, "rms": 3e-3}
+    assert choose_rates(groups, by="loss") == {"lora": 3e-3, "rms": 1e-3}
+
+
+def test_widen_edges_steps_past_the_edge_the_choice_sits_on():
+    grids = {"top": [3e-3, 1e-3], "bottom": [1e-3, 3e-3, 1e-2], "inside": [1e-3, 3e-3, 1e-2], "one": [1e-3],
+             "unchosen": [1e-3, 3e-3]}
+    got = widen_edges(grids, {"top": 3e-3, "bottom": 1e-3, "inside": 3e-3, "one": 1e-3})
+    assert got == {"top": [1e-3, 3e-3, 1e-2], "bottom": [3e-4, 1e-3, 3e-3, 1e-2], "inside": [1e-3, 3e-3, 1e-2],
+                   "one": [1e-3, 3e-3], "unchosen": [1e-3, 3e-3]}
+    assert grids["top"] == [3e-3, 1e-3]  # the caller's grid is left as it was
+
+
+def test_wait_for_sees_runs_another_process_records(tmp_path):
+    path = tmp_path / "select.jsonl"
+    log(path, {"key": ["a", 1]})
+    assert wait_for(path, {("a", 1)}, timeout_s=0)
+    assert not wait_for(path, {("a", 1), ("b", 2)}, timeout_s=0.05, poll_s=0.01)
+    other = threading.Timer(0.05, log, args=(path, {"key": ["b", 2]}))  # the other shard finishes its run
+    other.start()
+    assert wait_for(path, {("a", 1), ("b", 2)}, timeout_s=5, poll_s=0.01)
+    other.join()
+    assert [json.loads(x)["key"] for x in path.read_text().splitlines()] == [["a", 1], ["b", 2]]
+
+
+@pytest.mark.parametrize("rate", [1e-4, 3e-2])
+def test_ladder_round_trip(rate):
+    assert ladder_step(ladder_step(rate, up=True), up=False) == rate
