@@ -33,6 +33,7 @@ from report import LABEL, LORA, ORDER, accuracy_index, interval, load, pair_diff
 from vision import MODEL, VAL_FRACTION, record_name
 
 CURRENT = "val accuracy, seeds 0-1 (current)"
+TEST_SEEDS = 3  # a test-grid rate counts once all its seeds are recorded
 ORACLE = "best test rate (diagnostic, not a rule)"  # each method at its best rate on the test grid
 
 
@@ -83,9 +84,15 @@ def outcomes(runs: Path, models: list[str], tasks: list[str], targets: list[str]
 
 
 def cell_outcomes(grid: list[dict], select: dict, rule_set: dict, cell: dict) -> list[dict]:
-    """outcomes' rows for one network x task x target set, every rank the test grid has."""
+    """outcomes' rows for one network x task x target set, every rank the test grid has complete: a rank where some
+    rate a select stage tried lacks a test seed (a test grid still running) is left out, with a line on stderr."""
     out = []
     for r in sorted({x["r"] for x in grid}):
+        tried = {(x["method"], x["lr"]) for rows in select.values() for x in rows if x["r"] == r}
+        seeds = {(m, lr): {x["seed"] for x in grid if (x["method"], x["r"], x["lr"]) == (m, r, lr)} for m, lr in tried}
+        if any(len(s) < TEST_SEEDS for s in seeds.values()):
+            print(f"left out: {cell['net']} {cell['task']} r = {r} (its test grid is not complete)", file=sys.stderr)
+            continue
         choices = {label: (choose(select[share], at or r, seeds, how), share, seeds, at)
                    for label, (share, seeds, how, at) in rule_set.items()}
         for method in sorted({x["method"] for x in grid}, key=ORDER.index):

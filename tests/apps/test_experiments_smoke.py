@@ -128,6 +128,10 @@ def test_selection_rules_on_known_records(tmp_path):
     assert got[(selection.CURRENT, "liera-rms")] == (1e-3, 4.0)
     assert ("val loss", "liera-rms") not in got and ("val loss", "lora") in got
     assert got[(selection.ORACLE, "lora")] == got[(selection.ORACLE, "liera-rms")] == (3e-3, 0.0)  # the test's best
+    running = [x for x in grid if (x["method"], x["lr"], x["seed"]) != ("lora", 3e-3, 2)]  # a test grid not done
+    cell = {"net": "lite0", "task": "fashion", "targets": "dw"}
+    assert selection.cell_outcomes(running, {0.2: select, 0.4: []}, selection.rules(0.4), cell) == []
+    assert selection.cell_outcomes(grid, {0.2: select, 0.4: []}, selection.rules(0.4), cell)
     assert not any("40%" in rule for rule, _ in got)  # no 40% split records: no such rule
     gap = selection.gap_tables(rows)
     assert "| lite0 | fashion | dw | 4 | LieRA-Taylor + rms scaling | 0.001 | 0.8500 | 0.7600 | +9.00 |" in gap
