@@ -17,6 +17,7 @@ method (no loss in old records, no seed 2, no larger split) is left out there. L
 the luck of the selection.
 
     python experiments/selection.py --runs runs/replicate --out runs/replicate/selection.md
+    python experiments/selection.py --runs runs/replicate --ranks 4     # the cells every rule has records for
     python experiments/selection.py --smoke --out /tmp/selection     # synthetic records, seconds
 """
 from __future__ import annotations
@@ -265,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="fashion,digits,textures,elpv")
     p.add_argument("--targets", default="dw")
     p.add_argument("--val-fraction", type=float, default=0.4, help="the larger validation split's share")
+    p.add_argument("--ranks", default="", help="only these ranks, e.g. '4' (every rule has its records at r = 4)")
     p.add_argument("--out", default=None, help="markdown file (with --smoke: a folder for the synthetic records)")
     p.add_argument("--earlier", default=str(Path(__file__).parent / "records" / "conditioning"),
                    help="the Lite0 study's records (report.py's), pooled with these; '' leaves them out")
@@ -277,6 +279,7 @@ def main(argv=None) -> int:
         synthetic(runs)
         args.models, args.tasks, out, args.earlier = MODEL, "fashion,digits", runs / "selection.md", str(runs)
     rows = outcomes(runs, args.models.split(","), args.tasks.split(","), args.targets.split(","), args.val_fraction)
+    rows = [x for x in rows if not args.ranks or str(x["r"]) in args.ranks.split(",")]
     if not rows:
         print(f"no select + test-grid records under {runs}", file=sys.stderr)
         return 1
