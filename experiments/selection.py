@@ -90,8 +90,8 @@ def cell_outcomes(grid: list[dict], select: dict, rule_set: dict, cell: dict) ->
     out = []
     for r in sorted({x["r"] for x in grid}):
         tried = {(x["method"], x["lr"]) for rows in select.values() for x in rows if x["r"] == r}
-        seeds = {(m, lr): {x["seed"] for x in grid if (x["method"], x["r"], x["lr"]) == (m, r, lr)} for m, lr in tried}
-        if any(len(s) < TEST_SEEDS for s in seeds.values()):
+        seeds_at = {(m, lr): {x["seed"] for x in grid if (x["method"], x["r"], x["lr"]) == (m, r, lr)} for m, lr in tried}
+        if any(len(s) < TEST_SEEDS for s in seeds_at.values()):
             print(f"left out: {cell['net']} {cell['task']} r = {r} (its test grid is not complete)", file=sys.stderr)
             continue
         choices = {label: (choose(select[share], at or r, seeds, how), share, seeds, at)
