@@ -12,7 +12,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import records
+from common import mean_sd, records
 from report import interval
 
 from liera.apps.methods import label
@@ -25,11 +25,6 @@ BASES = ("lora", "peft-lora")  # paired differences are taken against both LoRA 
 def load(runs: Path, task: str, stage: str) -> list[dict]:
     path = runs / f"{task}-{stage}.jsonl"
     return records(path) if path.exists() else []
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def zero_shot(runs: Path) -> list[str]:

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import records
+from common import mean_sd, records
 
 from liera.apps.methods import LIERA as LIERA_FAMILY, METHODS, PEFT, label, names
 
@@ -81,8 +81,7 @@ def accuracy_tables(rows: list[dict], tasks: list[str], targets: list[str]) -> l
                         cells.append("")
                         continue
                     params += [f"{r['trainable_params']:,}" for r in mine if r["r"] == k][:1]
-                    cells.append(f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:.4f}"
-                                 f" ({len(accs)})" if accs else "-")
+                    cells.append(f"{mean_sd(accs)} ({len(accs)})" if accs else "-")
                 lrs = sorted({r["lr"] for r in mine})
                 out.append(f"| {LABEL[method]} | {'/'.join(f'{v:g}' for v in lrs)} | {' / '.join(params)} | "
                            + " | ".join(cells) + " |")
@@ -157,8 +156,7 @@ def selection_tables(runs: Path, tasks: list[str], targets: list[str]) -> list[s
             for (method, r), by_lr in sorted(groups.items(), key=lambda kv: ORDER.index(kv[0][0])):
                 cells = []
                 for lr, accs in sorted(by_lr.items()):
-                    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                    cell = f"{lr:g}: {statistics.mean(accs):.3f} ± {sd:.3f}"
+                    cell = f"{lr:g}: {mean_sd(accs, 3)}"
                     cells.append(f"**{cell}**" if chosen.get(method) == lr else cell)
                 out.append(f"| {tgt} | {task} | {LABEL[method]} | {r} | {' · '.join(cells)} |")
     return out

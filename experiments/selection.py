@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import choose_rates, records
+from common import choose_rates, mean_sd, records
 from report import LABEL, LORA, ORDER, accuracy_index, interval, load, pair_diffs
 from vision import MODEL, VAL_FRACTION, record_name
 
@@ -79,7 +79,7 @@ def outcomes(runs: Path, models: list[str], tasks: list[str], targets: list[str]
 
                 grid, select = load("test-grid"), {share: load("select", share) for share in (VAL_FRACTION, large)}
                 if grid and select[VAL_FRACTION]:
-                    cell = {"net": model.removeprefix("efficientnet-"), "task": task, "targets": tgt}
+                    cell = {"net": model.removeprefix("efficientnet-"), "model": model, "task": task, "targets": tgt}
                     out += cell_outcomes(grid, select, rules(large), cell)
     return out
 
@@ -188,13 +188,13 @@ def pooled_table(rows: list[dict], earlier: Path, tasks: list[str]) -> list[str]
     accuracy, seeds 0 and 1), and all of them pooled."""
     lite0 = accuracy_index(load(earlier, tasks, ["dw"]))
     mine = [x for x in rows if x["rule"] == CURRENT and x["targets"] == "dw"]
-    nets = sorted({x["net"] for x in mine})
+    nets, pairs = sorted({x["net"] for x in mine}), index(mine)
     lines = ["| LieRA variant | Lite0 (earlier study) | " + " | ".join(f"this study: {n}" for n in nets) + " | pooled |",
              "| --- | --- |" + " --- |" * len(nets) + " --- |"]
     for method in [m for m in ORDER if m != LORA and any(x["method"] == m for x in mine)]:
         old = pair_diffs(lite0, tasks, "dw", method)
-        new = {n: pair_diffs(index([x for x in mine if x["net"] == n]), sorted({f"{n}/{x['task']}" for x in mine}),
-                             "dw", method) for n in nets}
+        new = {n: pair_diffs(pairs, sorted({f"{n}/{x['task']}" for x in mine if x["net"] == n}), "dw", method)
+               for n in nets}
         lines.append(f"| {LABEL[method]} | {interval(old)} | " + " | ".join(interval(new[n]) for n in nets)
                      + f" | {interval(old + sum(new.values(), []))} |")
     return lines
@@ -217,8 +217,7 @@ def rate_tables(runs: Path, rows: list[dict]) -> list[str]:
     """Per network x task x rank: every rate tried, validation accuracy (20% split, mean over the seeds run) and test
     accuracy (mean ± sd over the test-grid seeds); the current rule's rate in bold."""
     lines = []
-    for net, task, tgt, r in sorted({(x["net"], x["task"], x["targets"], x["r"]) for x in rows}):
-        model = f"efficientnet-{net}"
+    for net, model, task, tgt, r in sorted({(x["net"], x["model"], x["task"], x["targets"], x["r"]) for x in rows}):
         grid = records(runs / f"{record_name(task, tgt, model)}-test-grid.jsonl")
         select = records(runs / f"{record_name(task, tgt, model)}-select.jsonl")
         chosen = {x["method"]: x["lr"] for x in rows if x["rule"] == CURRENT
@@ -231,8 +230,7 @@ def rate_tables(runs: Path, rows: list[dict]) -> list[str]:
             for lr in rates:
                 test = [x["test_accuracy"] for x in grid if (x["method"], x["r"], x["lr"]) == (method, r, lr)]
                 val = mean_accuracy(select, method, r, lr)
-                text = "" if not test else (f"{val:.3f} / " if val is not None else "- / ") + (
-                    f"{statistics.mean(test):.4f} ± {statistics.stdev(test) if len(test) > 1 else 0:.4f}")
+                text = "" if not test else (f"{val:.3f} / " if val is not None else "- / ") + mean_sd(test)
                 cells.append(f"**{text}**" if text and chosen.get(method) == lr else text)
             lines.append(f"| {LABEL[method]} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -39,8 +39,8 @@ from liera.apps.data import digits_1k, elpv_1k, fashion_mnist_1k, textures_1k, t
 from liera.apps.efficientnet import HEAD, MODELS, TARGET_SETS as TARGETS, load_efficientnet
 from liera.apps.training import method_free_config, run_arm
 
-from common import (RANK_FREE, add_common_arguments, choose_rates, done, log, parse_lrs, read, wait_for, widen_edges,
-                    write_summary)
+from common import (RANK_FREE, add_common_arguments, choose_rates, done, log, mean_sd, parse_lrs, read, wait_for,
+                    widen_edges, write_summary)
 from common import records as load_records
 
 # widened where the best rate fell on an edge (the first grid was 3 rates per method)
@@ -264,9 +264,7 @@ def summarise(records: Path, out: Path, task: str, stage: str) -> None:
              "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if test else "")]
     for (method, r, lr), group in sorted(groups.items()):
         accs = [g["test_accuracy"] for g in group]
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        line = f"| {method} | {'-' if method in RANK_FREE else r} | {lr:g} | {mean:.4f} ± {sd:.4f} | {len(accs)} |"
+        line = f"| {method} | {'-' if method in RANK_FREE else r} | {lr:g} | {mean_sd(accs)} | {len(accs)} |"
         if test:
             ranks = [g["update_rank"] for g in group if g.get("update_rank")]
             rank = f"{statistics.mean(x['mean_rank'] for x in ranks):.1f} / {ranks[0]['mean_full_rank']:.1f}" if ranks else "-"
