@@ -27,7 +27,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from . import group
-from .autograd import recomputed_op
+from .autograd import autocast_dtype, autocast_off, recomputed_op, run_op
 from .config import LieRAConfig
 from .generators import Generator, build_generator
 from .group import MULTIPLICATIVE, TAYLOR
@@ -152,6 +152,13 @@ class AdaptedWeight(nn.ModuleDict):
         self._cache = None  # train()/eval() invalidate the eval-mode weight cache
         return super().train(mode)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter tensors live (the weight's device)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
     def owner_weight(self, owner: nn.Module) -> Tensor:
         return owner._parameters[self.param_name]
 
@@ -245,12 +252,13 @@ class AdaptedWeight(nn.ModuleDict):
               tensors: Optional[Sequence[Tensor]] = None, bound: Optional[list] = None) -> list[group.Term]:
         """(D, exp_map) per adapter; `bound` reuses a _generators() result (one binding per weight build)."""
         out = []
-        for n, gen, given in bound if bound is not None else self._generators(names, tensors):
-            if given is None:
-                d = gen.delta() if index is None else gen.delta_rows(index)
-            else:
-                d = functional_call(gen, given, (), {"rows": index})
-            out.append((d.to(dtype), self.settings[n].exp_map))
+        with autocast_off(self.device):  # the adapter math stays in float32 under autocast
+            for n, gen, given in bound if bound is not None else self._generators(names, tensors):
+                if given is None:
+                    d = gen.delta() if index is None else gen.delta_rows(index)
+                else:
+                    d = functional_call(gen, given, (), {"rows": index})
+                out.append((d.to(dtype), self.settings[n].exp_map))
         return out
 
     def _group_updated(self, weight: Tensor, names: Sequence[str], cd: torch.dtype, bound: list) -> Tensor:
@@ -273,8 +281,10 @@ class AdaptedWeight(nn.ModuleDict):
         out = self._group_updated(weight, names, cd, bound)
         if self.has_transform(names):
             w = weight.to(cd)
-            for n, gen, given in bound:
-                out = gen.transform(out, w) if given is None else functional_call(gen, given, (out, w), {"transform": True})
+            with autocast_off(w):
+                for n, gen, given in bound:
+                    out = gen.transform(out, w) if given is None else functional_call(gen, given, (out, w),
+                                                                                      {"transform": True})
         return out.to(out_dtype or weight.dtype)
 
     def merged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
@@ -326,25 +336,27 @@ class AdaptedWeight(nn.ModuleDict):
             op = None
         fast = (op is not None and grad_needed and all(self.settings[n].fast_path for n in names)
                 and not torch.compiler.is_compiling())
+        # under torch.autocast the op runs in its dtype, with the weight formed from float32 pieces and cast once
+        amp = autocast_dtype(op.input) if op is not None else None
         # the update as its own float32 op, summed in float32 and rounded once (HiRA's precision)
         wide = self._compute_dtype(weight, names) if op is not None and any(
             self.settings[n].update_branch == "float32" for n in names) else None
         if fast:
             p = max(self.settings[n].dropout for n in names) if training else 0.0
             if p == 0.0 and wide is None:
-                return recomputed_op(op, lambda w, ps: self.effective(w, names, tensors=ps), weight, params)
+                return recomputed_op(op, lambda w, ps: self.effective(w, names, tensors=ps), weight, params, dtype=amp)
             # the update branch: op(x, W) + op(drop(x), W_eff - W); dropout acts on it only, as in LoRA
-            base = op.forward(op.input, weight, op.bias)
+            base = run_op(op, op.input, weight, op.bias, amp)
             x = op.input if wide is None else op.input.to(wide)
             dropped = F.dropout(x, p, training=True) if p > 0.0 else x
             branch = recomputed_op(op, lambda w, ps: self.difference(w, names, ps, out_dtype=wide), weight, params,
-                                   x=dropped, with_bias=False)
+                                   x=dropped, with_bias=False, dtype=wide or amp)
             return base + branch if wide is None else (base + branch).to(base.dtype)
         if wide is not None:
             diff = self._cached(weight, names, params, grad_needed, training, "difference",
                                 lambda: self.difference(weight, names, params, out_dtype=wide))
-            base = op.forward(op.input, weight, op.bias)
-            return (base + op.forward(op.input.to(wide), diff, None)).to(base.dtype)
+            base = run_op(op, op.input, weight, op.bias, amp)
+            return (base + run_op(op, op.input, diff, None, wide)).to(base.dtype)
         key = id(self)
         if key not in memo:
             memo[key] = self._generic_weight(weight, names, params, grad_needed, training)
