@@ -51,9 +51,22 @@ COST_ARMS = ARMS + ("full",)
 
 
 def load_base(args):
-    if args.smoke:
+    if args.smoke and not args.quantize:
         return lm.tiny_llama(get_lm_task(args.task))
-    return lm.load_causal_lm(args.model)
+    name = args.model
+    if args.smoke:  # a quantized smoke run loads a saved tiny LLaMA as the real model loads (bitsandbytes wants 64+ inputs)
+        tiny, tokenizer = lm.tiny_llama(get_lm_task(args.task), hidden=128)
+        name = str(Path(args.out) / "tiny-base")
+        tiny.save_pretrained(name)
+        tokenizer.save_pretrained(name)
+    return lm.load_causal_lm(name, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                             quantize=args.quantize)
+
+
+def variant(args) -> str:
+    """'' for the study's float32 runs (their keys and files as before), else e.g. '-bf16-autocast-4bit'."""
+    return "" if args.precision == "fp32" and not args.quantize else (
+        f"-{args.precision}" + (f"-{args.quantize}" if args.quantize else ""))
 
 
 def build(method: str, base, args, dropout: float):
@@ -66,18 +79,21 @@ def build(method: str, base, args, dropout: float):
 
 
 def key(args, stage: str, method: str, lr: float, seed: int) -> list:
-    return [args.task, stage, method, args.r, lr, seed, args.epochs, args.dropout, args.limit]
+    tag = [variant(args)] if variant(args) else []
+    return [args.task, stage, method, args.r, lr, seed, args.epochs, args.dropout, args.limit, *tag]
 
 
 def run_one(args, stage: str, method: str, lr: float, seed: int, base, train, scored, split: str) -> dict:
     torch.manual_seed(seed)
     model = build(method, base, args, args.dropout)
+    amp = lm.autocast_dtype_of(args.precision)
     fit = lm.fit_lm(model, train, epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=seed,
-                    desc=f"{method} lr={lr:g} s{seed}", show_progress=not args.no_progress)
-    result = lm.score(model, scored)
+                    desc=f"{method} lr={lr:g} s{seed}", show_progress=not args.no_progress, autocast=amp)
+    result = lm.score(model, scored, autocast=amp)
     rec = {"key": key(args, stage, method, lr, seed), "task": args.task, "stage": stage, "method": method,
            "r": args.r, "alpha": args.alpha, "lr": lr, "seed": seed, "epochs": args.epochs, "dropout": args.dropout,
-           "split": split, "accuracy": result["accuracy"], "loss": result["loss"],
+           "split": split, "precision": args.precision, "quantize": args.quantize,
+           "accuracy": result["accuracy"], "loss": result["loss"],
            "trainable_params": trainable_count(model), "train_time_s": round(fit.seconds, 1),
            "tokens_per_s": round(fit.tokens_per_s, 1), "steps": fit.steps,
            "losses": fit.losses[:: max(1, len(fit.losses) // 60)], "torch_threads": torch.get_num_threads()}
@@ -183,6 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--widen", type=int, default=1, help="select: extra x3 steps where the best rate is on an edge")
     p.add_argument("--grid", default="", help="override rates, e.g. 'lora=1e-4/3e-4'")
     p.add_argument("--rounds", type=int, default=5, help="cost: timed rounds")
+    p.add_argument("--precision", choices=lm.PRECISIONS, default="fp32",
+                   help="fp32 (the study's), bf16 weights, or bf16-autocast; records of another precision go to "
+                        "<task>-<stage>-<precision>[-<quantize>].jsonl")
+    p.add_argument("--quantize", choices=lm.QUANTIZATIONS, default=None, help="a bitsandbytes 4-bit / 8-bit base")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th planned run, starting at i (processes that "
                                                   "share the cores and one record file)")
@@ -248,7 +268,7 @@ def main(argv=None) -> int:
         return 0
     seeds = [int(s) for s in (args.seeds or "0,1,2").split(",")]
     scored = lm.encode(task, "test", tokenizer)
-    path = out / f"{args.task}-{args.stage}.jsonl"
+    path = out / f"{args.task}-{args.stage}{variant(args)}.jsonl"
     if args.stage == "paper":
         plan = [(m, PAPER_RATE, s) for m in methods if m in PAPER_ARMS for s in seeds]
     else:

@@ -80,7 +80,7 @@ def learned_updates(model) -> list:
     if not isinstance(model, LieRAModel):
         return []
     weights = dict(model.base_model.named_parameters())
-    return [(key, weights[key].detach().double(), delta) for key, delta in model.delta_weights(dtype=torch.float64).items()]
+    return [(key, weights[key].detach().double(), delta) for key, delta in model.weight_changes(dtype=torch.float64).items()]
 
 
 def update_ranks(updates: list, r: int) -> dict:

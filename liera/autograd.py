@@ -17,7 +17,7 @@ runs the op's two products in the same dtype, as autocast's own matmuls do.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union, overload
 
 import torch
 from torch import Tensor
@@ -48,6 +48,10 @@ def autocast_off(where: Union[Tensor, torch.device]) -> Iterator[None]:
         yield
 
 
+@overload
+def _cast(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor: ...
+@overload
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]: ...
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return t if t is None or dtype is None else t.to(dtype)
 
@@ -55,7 +59,7 @@ def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]
 def run_op(op: WeightOp, x: Tensor, w: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
     """op(x, w, bias) with all three in ``dtype`` (None: as given), autocast off."""
     with autocast_off(x):
-        return op.forward(_cast(x, dtype), _cast(w, dtype), _cast(bias, dtype))  # type: ignore[arg-type]
+        return op.forward(_cast(x, dtype), _cast(w, dtype), _cast(bias, dtype))
 
 
 class RecomputedWeightOp(torch.autograd.Function):
@@ -75,7 +79,7 @@ class RecomputedWeightOp(torch.autograd.Function):
         # hooks. The small factors are saved as well so that autograd detects in-place changes.
         ctx.live = (weight, *params)
         ctx.save_for_backward(x, bias, *params)
-        return run_op(op, x, w, bias, dtype)  # type: ignore[arg-type]
+        return run_op(op, x, w, bias, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -45,6 +45,10 @@ class LieRAConfig:
         that W * D moves each weight by about (|W| / rms(W)) * D, as LoRA's W + D does, whatever the layer's
         weight scale; one learning rate then suits layers whose weights differ 10x in scale. The factor is
         fixed when the adapter is created and saved with it (docs/concepts.md has the reasoning).
+    keep_zeros: the zeros of the adapted weights are intended (a pruned model): every entry where W == 0 stays
+        exactly zero through training, merge, unmerge, merge_and_unload, `liera merge` and PEFT's path. The
+        multiplicative update keeps them by construction; the additive one becomes the masked W + D * (W != 0)
+        (SQFT / masked LoRA). Adding such an adapter reports the sparsity instead of warning that zeros cannot move.
     rank_pattern, alpha_pattern: per-layer r and alpha, keyed like PEFT by module path (exact, suffix after a
         '.', or a full regex), e.g. {"encoder.layer.0.attention.self.query": 16}; for target_parameters the
         key may also name the parameter ("attn.in_proj_weight").
@@ -69,12 +73,14 @@ class LieRAConfig:
     update_branch: str = "merged"
     layer_scaling: str = "none"
     fast_path: bool = True
+    keep_zeros: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.target_parameters, (tuple, str)):
-            self.target_parameters = [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
+            parameters = self.target_parameters
+            self.target_parameters = [parameters] if isinstance(parameters, str) else list(parameters)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -82,8 +88,10 @@ class LieRAConfig:
         """Raise ValueError naming the bad field and what would be accepted."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LieRAConfig: r must be a positive integer, got {self.r!r}; try r=8.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"LieRAConfig: alpha must be a positive number, got {self.alpha!r}; a common choice is alpha = 2 * r.")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha <= 0):
+            raise ValueError(f"LieRAConfig: alpha must be a positive number, got {self.alpha!r}; a common choice is "
+                             f"alpha = 2 * r.")
         try:
             exp_map(self.exp_map)
             check_update(self.update)
@@ -92,18 +100,24 @@ class LieRAConfig:
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"LieRAConfig: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"LieRAConfig: adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}.")
+            raise ValueError(f"LieRAConfig: adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got "
+                             f"{self.adapter_dtype!r}.")
         if self.update_branch not in UPDATE_BRANCHES:
-            raise ValueError(f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got {self.update_branch!r}; "
-                             "'float32' keeps small updates on a bf16/fp16 base at the cost of one float32 op.")
+            raise ValueError(f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got "
+                             f"{self.update_branch!r}; 'float32' keeps small updates on a bf16/fp16 base at the cost "
+                             f"of one float32 op.")
         if self.layer_scaling not in LAYER_SCALINGS:
-            raise ValueError(f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got {self.layer_scaling!r}; "
-                             "'rms' scales each layer's D by 1 / rms(W) (one learning rate for layers of any weight scale).")
+            raise ValueError(f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got "
+                             f"{self.layer_scaling!r}; 'rms' scales each layer's D by 1 / rms(W) (one learning rate "
+                             f"for layers of any weight scale).")
+        if not isinstance(self.keep_zeros, bool):
+            raise ValueError(f"LieRAConfig: keep_zeros must be True or False, got {self.keep_zeros!r}; True says the "
+                             f"zeros of the adapted weights are intended (a pruned model) and keeps them exactly.")
         if self.init_weights not in (True, False, "gaussian"):
             raise ValueError(f"LieRAConfig: init_weights must be True, False or 'gaussian', got {self.init_weights!r}.")
         if self.target_modules is None and not self.target_parameters:
-            raise ValueError("LieRAConfig: nothing to adapt; set target_modules (names, a regex, or 'all-linear' / 'all-conv' / 'all') "
-                             "or target_parameters.")
+            raise ValueError("LieRAConfig: nothing to adapt; set target_modules (names, a regex, or 'all-linear' / "
+                             "'all-conv' / 'all') or target_parameters.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -111,9 +125,11 @@ class LieRAConfig:
                     try:
                         re.compile(value)
                     except re.error as exc:
-                        raise ValueError(f"LieRAConfig: {name} {value!r} is not a valid regex ({exc}); pass a list of names instead.") from exc
+                        raise ValueError(f"LieRAConfig: {name} {value!r} is not a valid regex ({exc}); pass a list "
+                                         f"of names instead.") from exc
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ValueError(f"LieRAConfig: {name} must be a list of module names, a regex string or None, got {value!r}.")
+                raise ValueError(f"LieRAConfig: {name} must be a list of module names, a regex string or None, got "
+                                 f"{value!r}.")
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LieRAConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}.")

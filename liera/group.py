@@ -12,6 +12,13 @@ one place an unknown name is rejected. Several adapters compose by multiplying t
 map that is the same as adding their algebra elements (exp(D1) exp(D2) = exp(D1 + D2)); for the Taylor map
 the product keeps sequential and batch merges equal in any order. The ``additive`` update (W + D, plain LoRA)
 is the ablation: a different group (tensors under addition), kept here so arms differ only in the group op.
+
+``keep_zeros=True`` says the zeros of W are intended (a pruned model): every entry where W == 0 keeps its exact
+bits through apply, unapply and delta_weight. The multiplicative update keeps them by construction (0 * g = 0; the
+``where`` only pins the sign of a zero and guards 0 * inf); the additive update becomes the masked one,
+W + D * (W != 0) (SQFT, masked LoRA). The mask is read from the tensor at hand, never stored: a merged weight has
+the zeros of W, so unapply finds the same mask, unless an update lands a non-zero entry exactly on 0
+(``new_zeros`` finds those; a merge counts them as entries it cannot undo).
 """
 from __future__ import annotations
 
@@ -105,34 +112,55 @@ def combined_factor_minus_one(terms: Sequence[Term]) -> Tensor:
     return total
 
 
-def delta_weight(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
-    """W_eff - W, computed without forming W_eff (what a dropout branch or a merge needs)."""
+def keep_zeros_of(weight: Tensor, out: Tensor) -> Tensor:
+    """``out`` where W != 0 and W's own entry (its exact bits, -0.0 included) where W == 0."""
+    return torch.where(weight == 0, weight, out)
+
+
+def new_zeros(weight: Tensor, out: Tensor) -> Tensor:
+    """Mask of entries that are non-zero in W but exactly zero in ``out``: with keep_zeros the mask is read back
+    from the merged weight, so an unmerge would take these for intended zeros and leave them at 0."""
+    return (out == 0) & (weight != 0)
+
+
+def delta_weight(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE,
+                 keep_zeros: bool = False) -> Tensor:
+    """W_eff - W, computed without forming W_eff (what a dropout branch or a merge needs). keep_zeros: exactly
+    +0 where W == 0 (the masked additive update D * (W != 0), or W * (g - 1) with its zeros pinned)."""
     if check_update(update) == ADDITIVE:
         deltas = [d for d, _ in terms]
-        return sum(deltas[1:], deltas[0])
-    return weight * combined_factor_minus_one(terms)
+        delta = sum(deltas[1:], deltas[0])
+    else:
+        delta = weight * combined_factor_minus_one(terms)
+    return delta.masked_fill(weight == 0, 0.0) if keep_zeros else delta
 
 
-def apply(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
-    """The effective weight W_eff for the given adapters (empty terms: W itself)."""
+def apply(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE, keep_zeros: bool = False) -> Tensor:
+    """The effective weight W_eff for the given adapters (empty terms: W itself). keep_zeros: every zero of W
+    stays bit-exact (W + D * (W != 0) for the additive update)."""
     if not terms:
         return weight
     if check_update(update) == MULTIPLICATIVE:  # W + W * (g - 1) in one fused pass
-        return torch.addcmul(weight, weight, combined_factor_minus_one(terms))
-    return weight + delta_weight(weight, terms, update)
+        out = torch.addcmul(weight, weight, combined_factor_minus_one(terms))
+    else:
+        out = weight + delta_weight(weight, terms, update)
+    return keep_zeros_of(weight, out) if keep_zeros else out
 
 
-def unapply(weight_eff: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE) -> Tensor:
-    """The group inverse action: recover W from W_eff (no stored copy of W needed)."""
+def unapply(weight_eff: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE,
+            keep_zeros: bool = False) -> Tensor:
+    """The group inverse action: recover W from W_eff (no stored copy of W needed). keep_zeros: the mask is that of
+    W_eff, which equals W's unless the merge made new zeros (see new_zeros)."""
     if not terms:
         return weight_eff
     if check_update(update) == ADDITIVE:
-        return weight_eff - delta_weight(weight_eff, terms, update)
-    inv = None
-    for d, name in terms:
-        f = inverse_factor(d, name)
-        inv = f if inv is None else inv * f
-    return weight_eff * inv
+        out = weight_eff - delta_weight(weight_eff, terms, update)
+    else:
+        inv = inverse_factor(*terms[0])
+        for d, name in terms[1:]:
+            inv = inv * inverse_factor(d, name)
+        out = weight_eff * inv
+    return keep_zeros_of(weight_eff, out) if keep_zeros else out
 
 
 def log(weight_eff: Tensor, weight: Tensor, name: str) -> Tensor:

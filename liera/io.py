@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -22,7 +22,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_PT = "adapter_model.bin"
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _umask() -> int:
@@ -31,7 +31,7 @@ def _umask() -> int:
     return current
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) and rename the result onto path; on any error leave path as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -126,7 +126,8 @@ def load_planned(plan: Sequence[tuple], saved: Mapping[str, Tensor], tensors: Ma
     check_tensors({**expected, **{k: tuple(p.shape) for k, p in saved.items()}}, tensors, where)
     for target, generator, _ in plan:
         prefix = target.key + "."
-        generator.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        generator.load_state_dict(own, strict=False)
     with torch.no_grad():
         for key, p in saved.items():
             p.copy_(tensors[key])

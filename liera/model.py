@@ -2,15 +2,18 @@
 
 The base model is adapted in place: each adapted weight gets an ``AdaptedWeight`` child on its owning
 module (keys of the base state dict do not change) and two forward hooks. The AdaptedWeight owns its state
-(active, merged, disabled); this class says which adapters exist and asks every weight to act. Every
-operation that can fail checks first and changes the model only after all checks passed.
+(active, merged, disabled); this class says which adapters exist and asks every weight to act. Modules in
+modules_to_save are trained as one copy per adapter (``saved.py``, as in PEFT), so disabling gives the base back.
+Every operation that can fail checks first and changes the model only after all checks passed.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
-from typing import Iterator, Mapping, Optional, Sequence, Union
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +22,16 @@ from . import io
 from .config import LieRAConfig
 from .group import MULTIPLICATIVE
 from .names import warn_user
-from .targeting import plan_adapter, saved_parameters, warn_zero_entries
-from .weight import AdaptedWeight, adapted_weights_of, attach, detach, is_sharded
+from .saved import add_copies, choose, file_keys, make_copies, release, remove_copies, saved_holders
+from .sparsity import LayerSparsity
+from .targeting import model_sparsity, plan_adapter, report_zero_entries, saved_modules, warn_zero_entries
+from .weight import AdaptedWeight, adapted_weights_of, attach, check_mergeable, detach, is_sharded
 
 DEFAULT_ADAPTER = "default"
-Names = Union[str, Sequence[str], None]
+Names = str | Sequence[str] | None
 
 
-def _call_base(self, *args, **kwargs):
+def _call_base(self: LieRAModel, *args: Any, **kwargs: Any) -> Any:
     return self.base_model(*args, **kwargs)
 
 
@@ -34,7 +39,7 @@ class _ForwardToBase:
     """LieRAModel.forward: calls the base model; on an instance it carries the base model's signature (transformers'
     Trainer keeps the dataset columns the forward accepts), on the class it is a plain function."""
 
-    def __get__(self, obj, objtype=None):
+    def __get__(self, obj: LieRAModel | None, objtype: type | None = None) -> Callable[..., Any]:
         base = None if obj is None else obj.base_model
         return _call_base if base is None else functools.wraps(base.forward)(lambda *a, **k: base(*a, **k))
 
@@ -43,12 +48,14 @@ class LieRAModel(nn.Module):
     """A model with LieRA adapters. Calls, attributes and ``generate`` pass through to the base model."""
 
     def __init__(self, model: nn.Module, config: LieRAConfig, adapter_name: str = DEFAULT_ADAPTER, *,
-                 state_dict: Optional[Mapping[str, Tensor]] = None, is_trainable: bool = True,
+                 state_dict: Mapping[str, Tensor] | None = None, is_trainable: bool = True,
                  strict: bool = False) -> None:
         if isinstance(model, LieRAModel):
-            raise ValueError("this model is already a LieRAModel; add another adapter with model.add_adapter(name, config).")
+            raise ValueError("this model is already a LieRAModel; add another adapter with "
+                             "model.add_adapter(name, config).")
         if any(isinstance(m, AdaptedWeight) for m in model.modules()):
-            raise ValueError("this model already carries liera adapters (it was wrapped before); reuse that LieRAModel and "
+            raise ValueError("this model already carries liera adapters (it was wrapped before); reuse that LieRAModel "
+                             "and "
                              "call add_adapter(name, config), or call unload() on it first.")
         super().__init__()
         self.base_model = model
@@ -56,13 +63,14 @@ class LieRAModel(nn.Module):
         self._active: list[str] = []
         self._frozen: set[str] = set()
         self._zero_warned = False
+        self._disabled_depth = 0  # open disable_adapter() blocks: the originals of modules_to_save are in place
         self.add_adapter(adapter_name, config, state_dict=state_dict, is_trainable=is_trainable, strict=strict)
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ pass-through
     forward = _ForwardToBase()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -81,13 +89,26 @@ class LieRAModel(nn.Module):
                 yield (f"{path}.{adapted.param_name}" if path else adapted.param_name), module, adapted
 
     @torch.no_grad()
-    def delta_weights(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    def weight_changes(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """weight key -> the learned update W_eff - W of the given adapters (default: the live ones), in ``dtype``
-        or wider. Merged adapters are already in W: their update is not repeated here."""
+        or wider. Merged adapters are already in W: their update is not repeated here. (Not the generators' D:
+        "delta" in liera names D, the algebra element, as in ``Generator.delta``.)"""
         names = None if adapter_names is None else self.known(adapter_names)
-        return {key: adapted.delta(adapted.owner_weight(owner), None if names is None else
-                                   [n for n in names if n in adapted and n not in adapted.merged], dtype)
+        return {key: adapted.weight_change(adapted.owner_weight(owner), None if names is None else
+                                           [n for n in names if n in adapted and n not in adapted.merged], dtype)
                 for key, owner, adapted in self.adapted_weights()}
+
+    def delta_weights(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Deprecated name of ``weight_changes`` (W_eff - W), which it returns with a DeprecationWarning."""
+        warnings.warn("LieRAModel.delta_weights() is deprecated: it is weight_changes() (W_eff - W), renamed so that "
+                      "'delta' means the generators' D only. Call weight_changes() instead.", DeprecationWarning,
+                      stacklevel=2)
+        return self.weight_changes(adapter_names, dtype)
+
+    def sparsity(self, target_modules: str | list[str] | None = None) -> list[LayerSparsity]:
+        """Zeros and N:M validity (liera.sparsity) of the base weights as they are now, merged adapters included
+        (default: every weight of a layer kind liera knows); liera.sparsity.sparsity_report(rows) prints them."""
+        return model_sparsity(self.base_model, target_modules)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -107,7 +128,8 @@ class LieRAModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+        share = 100 * trainable / max(total, 1)
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     def known(self, names: Names) -> list[str]:
         """The adapter names as a list (default: the active ones); ValueError naming any this model lacks."""
@@ -118,7 +140,7 @@ class LieRAModel(nn.Module):
         return names
 
     # ------------------------------------------------------------------ adding and choosing adapters
-    def add_adapter(self, adapter_name: str, config: LieRAConfig, *, state_dict: Optional[Mapping[str, Tensor]] = None,
+    def add_adapter(self, adapter_name: str, config: LieRAConfig, *, state_dict: Mapping[str, Tensor] | None = None,
                     is_trainable: bool = True, strict: bool = False) -> None:
         """Add an adapter (inactive unless it is the first; see set_adapter). Checks everything first.
         strict: a target_modules entry that matches no module raises instead of warning."""
@@ -131,18 +153,24 @@ class LieRAModel(nn.Module):
                              f"delete_adapter({adapter_name!r}) first.")
         config.validate()
         plan = plan_adapter(self.base_model, config, strict)
-        saved = saved_parameters(self.base_model, config)  # raises for a modules_to_save entry that matches nothing
+        saved_at = saved_modules(self.base_model, config)  # raises for a modules_to_save entry that matches nothing
+        copies = {path: make_copies(module) for path, module in saved_at.items()}  # this adapter's, not attached yet
+        saved = {k: p for path, c in copies.items() for k, p in file_keys(path, c).items()}
         if state_dict is not None:  # checks every name and shape, then loads (nothing is attached yet)
             io.load_planned(plan, saved, state_dict, f"adapter {adapter_name!r}")
         for target, generator, settings in plan:
             attach(target.owner, target.param_name, adapter_name, generator, settings)
+        for path, module in saved_at.items():
+            add_copies(module, adapter_name, copies[path])
         self.peft_config[adapter_name] = config
         if not is_trainable:
             self._frozen.add(adapter_name)
         if len(self.peft_config) == 1:
             for p in self.base_model.parameters():
                 p.requires_grad_(False)
-        if config.update == MULTIPLICATIVE and not self._zero_warned:  # once per model
+        if config.keep_zeros:  # the zeros are intended: a report, not a warning
+            report_zero_entries([t for t, _, _ in plan])
+        elif config.update == MULTIPLICATIVE and not self._zero_warned:  # once per model
             self._zero_warned = warn_zero_entries([t for t, _, _ in plan])
         self._refresh_trainable()
 
@@ -150,17 +178,25 @@ class LieRAModel(nn.Module):
         for _, _, adapted in self.adapted_weights():
             for name, generator in adapted.items():
                 generator.requires_grad_(name in self._active and name not in self._frozen)
-        for name in self._active:
-            if name not in self._frozen:
-                for p in saved_parameters(self.base_model, self.peft_config[name]).values():
-                    p.requires_grad_(True)
+        for _, _, holder in saved_holders(self.base_model):
+            for name in holder.names():
+                holder.copies[name].requires_grad_(name in self._active and name not in self._frozen)
+        self._place_saved()
 
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+    def _place_saved(self, active: list[str] | None = None) -> None:
+        """Put in place, in every module trained in full, the active adapter's copy (the original while disabled)."""
+        found = list(saved_holders(self.base_model))
+        chosen = choose([h for _, _, h in found], self._active if active is None else active, self._disabled_depth > 0)
+        for (_, module, holder), adapter in zip(found, chosen, strict=False):
+            holder.place(module, adapter)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters active (several compose by the group product); only they train."""
         names = self.known(adapter_name)
         weights = [a for _, _, a in self.adapted_weights()]
         for adapted in weights:  # check every weight before any changes
             adapted.check_activate(names)
+        choose([h for _, _, h in saved_holders(self.base_model)], names, False)  # raises for two copies of one module
         self._active = names
         for adapted in weights:
             adapted.activate(names)
@@ -175,21 +211,28 @@ class LieRAModel(nn.Module):
                 adapted.remove(adapter_name)
             if len(adapted) == 0:
                 detach(owner, adapted)
+        for _, module, _ in list(saved_holders(self.base_model)):
+            remove_copies(module, adapter_name)
         del self.peft_config[adapter_name]
         self._frozen.discard(adapter_name)
         self._active = [n for n in self._active if n != adapter_name]
         self._refresh_trainable()
 
     @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model: inside the block every adapter is off (merged ones stay merged)."""
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: inside the block every adapter is off (merged ones stay merged) and modules_to_save
+        run their original parameters."""
         weights = [a for _, _, a in self.adapted_weights()]
         before = [a.set_disabled(True) for a in weights]
+        self._disabled_depth += 1
+        self._place_saved()
         try:
             yield
         finally:
-            for a, flag in zip(weights, before):
+            for a, flag in zip(weights, before, strict=False):
                 a.set_disabled(flag)
+            self._disabled_depth -= 1
+            self._place_saved()
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Names = None, safe_merge: bool = False, keep_merge_copy: bool = False,
@@ -206,12 +249,14 @@ class LieRAModel(nn.Module):
             warn_user(f"adapter(s) {already} already merged; merging again changes nothing.")
         jobs = [(key, a.owner_weight(owner), a, todo) for key, owner, a in self.adapted_weights()
                 for todo in [a.to_merge(names)] if todo]
-        if safe_merge:
-            for key, weight, adapted, todo in jobs:  # check everything before touching anything
+        for key, weight, adapted, todo in jobs:  # check everything before touching anything
+            check_mergeable(weight, key)
+            if safe_merge:
                 adapted.check_merge(weight, todo, dtype, key)
         singular = sum(adapted.merge(weight, todo, dtype, keep_merge_copy) for _, weight, adapted, todo in jobs)
         if singular:
-            warn_user(f"merge: {singular} weight entries have a Taylor factor 1 + D near 0; unmerge_adapter() cannot "
+            warn_user(f"merge: {singular} weight entries have a Taylor factor 1 + D near 0 (or, with keep_zeros, "
+                      f"became exact zeros); unmerge_adapter() cannot "
                       f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True).")
 
     def unmerge_adapter(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> None:
@@ -221,36 +266,42 @@ class LieRAModel(nn.Module):
             adapted.unmerge(adapted.owner_weight(owner), names, dtype)
 
     def merge_and_unload(self, adapter_names: Names = None, safe_merge: bool = False) -> nn.Module:
-        """Merge the adapters into the weights and return the plain base model (no liera left)."""
+        """Merge the adapters into the weights and return the plain base model (no liera left); a module in
+        modules_to_save keeps the active adapter's trained copy (as in PEFT)."""
         names = [n for n in self.known(adapter_names) if n not in self.merged_adapters]
         if names:
             self.merge_adapter(names, safe_merge=safe_merge)
         return self._strip()
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging (merged ones are unmerged first): the original model."""
+        """Remove every adapter without merging (merged ones are unmerged first): the original model, except that a
+        module in modules_to_save keeps the active adapter's trained copy (as in PEFT)."""
         self.unmerge_adapter()
         return self._strip()
 
     def _strip(self) -> nn.Module:
         for _, owner, adapted in list(self.adapted_weights()):
             detach(owner, adapted)
+        for _, module, _ in list(saved_holders(self.base_model)):
+            release(module)
         self.peft_config.clear()
         self._active = []
         return self.base_model
 
     # ------------------------------------------------------------------ state and files
-    def get_adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, Tensor]:
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """The adapter's tensors, keyed independently of its local name (what the file holds)."""
         name = self.known(adapter_name or self._active[0])[0]
         out: dict[str, Tensor] = {}
         for key, _, adapted in self.adapted_weights():
             if name in adapted:
                 out.update({f"{key}.{k}": p.detach() for k, p in adapted[name].state_dict().items()})
-        out.update({k: p.detach() for k, p in saved_parameters(self.base_model, self.peft_config[name]).items()})
+        for path, _, holder in saved_holders(self.base_model):
+            if name in holder.copies:
+                out.update({k: p.detach() for k, p in file_keys(path, holder.copy_of(name)).items()})
         return out
 
-    def set_adapter_state_dict(self, state_dict: Mapping[str, Tensor], adapter_name: Optional[str] = None) -> None:
+    def set_adapter_state_dict(self, state_dict: Mapping[str, Tensor], adapter_name: str | None = None) -> None:
         """Load tensors into an existing adapter; checks names and shapes before changing anything."""
         name = adapter_name or self._active[0]
         current = self.get_adapter_state_dict(name)
@@ -261,7 +312,7 @@ class LieRAModel(nn.Module):
             for k, tensor in current.items():  # detached views of the live tensors
                 tensor.copy_(state_dict[k])
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], adapter_names: Names = None,
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Names = None,
                         safe_serialization: bool = True, is_main_process: bool = True) -> None:
         """Write adapter_config.json + adapter_model.safetensors; non-default adapters go to sub-folders.
 
@@ -274,12 +325,12 @@ class LieRAModel(nn.Module):
             if not is_main_process:
                 continue
             target = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
-            shapes = {k: tuple(a.owner_weight(o).shape) for k, o, a in self.adapted_weights() if name in a}
+            shapes = {k: tuple(a.weight_shape) for k, o, a in self.adapted_weights() if name in a}
             io.save_adapter_files(target, self.peft_config[name], tensors, safe_serialization, weight_shapes=shapes)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False) -> "LieRAModel":
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False) -> LieRAModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; inference mode unless is_trainable."""
         config, tensors = io.read_adapter_files(model_id)
         wrapped = cls(model, config, adapter_name, state_dict=tensors, is_trainable=is_trainable)
@@ -287,7 +338,7 @@ class LieRAModel(nn.Module):
             wrapped.eval()
         return wrapped
 
-    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add a saved adapter under a new name (inactive until set_adapter)."""
         config, tensors = io.read_adapter_files(model_id)
         self.add_adapter(adapter_name, config, state_dict=tensors, is_trainable=is_trainable)

@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import warnings
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
+from types import FrameType
 
-Spec = Union[str, Iterable[str]]
+Spec = str | Iterable[str]
 
 
 def name_matches(name: str, spec: Spec) -> bool:
@@ -28,14 +29,15 @@ def name_matches(name: str, spec: Spec) -> bool:
 
 
 def pattern_matches(key: str, name: str) -> bool:
-    """Whether the pattern key ``key`` (exact name, suffix after a ".", or a regex for the path's end) names ``name``."""
+    """Whether the pattern key ``key`` (exact name, suffix after a ".", or a regex for the path's end) names
+    ``name``."""
     try:
         return re.fullmatch(rf"(.*\.)?(?:{key})", name) is not None
     except re.error:
         return name == key or name.endswith("." + key)
 
 
-def pattern_key(keys: Iterable[str], name: str) -> Optional[str]:
+def pattern_key(keys: Iterable[str], name: str) -> str | None:
     """The first of ``keys`` that names ``name`` (None when none does)."""
     return next((k for k in keys if pattern_matches(k, name)), None)
 
@@ -46,7 +48,8 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn pointing at the first frame outside liera: the user's line that named the target or pattern,
     however deep inside liera the check runs (a fixed stacklevel points into liera from some entry points)."""
-    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the caller of this function
+    level = 2  # stacklevel 2 is the caller of this function
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)

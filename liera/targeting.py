@@ -4,16 +4,19 @@ Nothing here changes the model: LieRAModel attaches a plan only after every chec
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
 from .config import TARGET_SHORTCUTS, LieRAConfig
 from .generators import Generator
 from .layers import LayerKind, kind_of, supported_kinds_text
+from .layers.base import WeightLayout
 from .names import name_matches, warn_user
-from .weight import ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, build_adapter, is_sharded
+from .sparsity import LayerSparsity, layer_sparsity, sparsity_report
+from .weight import ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, build_adapter, float_weight, is_sharded
 
 MODULES_TO_SAVE = "modules_to_save"  # file keys of tensors trained in full: "modules_to_save.<path>.<name>"
 
@@ -34,7 +37,21 @@ class Target:
 
     @property
     def weight(self) -> Tensor:
-        return self.owner._parameters[self.param_name]
+        weight = self.owner._parameters[self.param_name]
+        assert weight is not None  # find_targets keeps only weights that are set
+        return weight
+
+    @property
+    def values(self) -> Tensor:
+        """The weight as floats (a quantized layer's dequantized weight): what an adapter is built for."""
+        return float_weight(self.owner, self.param_name)
+
+    @property
+    def input_axis(self) -> int:
+        """The weight's axis of inputs, along which N:M groups run: 1, or 0 for (in, out) layouts (GPT-2's Conv1D,
+        transposed convolutions)."""
+        transposed = getattr(self.owner, "transposed", False) is True
+        return 0 if transposed or (self.kind is not None and self.kind.layout == WeightLayout.IN_OUT) else 1
 
 
 def _named_modules(model: nn.Module):
@@ -109,7 +126,8 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, which liera cannot adapt as a module. "
                 f"Supported module types: {supported_kinds_text()}. To adapt one of its parameter tensors directly, "
-                f"use target_parameters=[...] (parameters here: {[n for n, _ in module.named_parameters(recurse=False)]}); "
+                f"use target_parameters=[...] (parameters here: "
+                f"{[n for n, _ in module.named_parameters(recurse=False)]}); "
                 f"to target its children, name them (for example {name!r} + '.<child>').")
         if kind.weight_name not in module._parameters or module._parameters[kind.weight_name] is None:
             continue
@@ -146,10 +164,10 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                 raise ValueError(message)
             warn_user(message + " Pass strict=True to make this an error.")
     if not targets:
-        wanted = spec if isinstance(spec, list) else [str(spec)]
+        asked = spec if isinstance(spec, list) else [str(spec)]
         raise ValueError(f"target_modules={spec!r} matches no supported module of {type(model).__name__}"
                          f"{' after exclude_modules' if exclude else ''}. Closest module names: "
-                         f"{_closest(wanted, [n for n, _ in modules if n])}. Supported module types: "
+                         f"{_closest(asked, [n for n, _ in modules if n])}. Supported module types: "
                          f"{supported_kinds_text()}.")
     return targets
 
@@ -158,7 +176,7 @@ def saved_modules(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Module]
     """path -> module for the config's modules_to_save (trained in full, stored with the adapter)."""
     found = {}
     for wanted in config.modules_to_save or []:
-        hits = {n: m for n, m in model.named_modules() if n and name_matches(n, [wanted])}
+        hits = {n: m for n, m in _named_modules(model) if n and name_matches(n, [wanted])}  # never liera's copies
         if not hits:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; closest module names: "
                              f"{_closest([wanted], [n for n, _ in _named_modules(model) if n])}.")
@@ -178,14 +196,44 @@ def saved_parameters(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Para
 
 def warn_zero_entries(targets: list[Target]) -> bool:
     """Warn (and return True) if some adapted entries are exactly zero: a multiplicative update cannot move them."""
-    counts = {t.key: int((t.weight == 0).sum()) for t in targets}  # one pass over each weight
+    counts, total = {}, 0
+    for t in targets:  # one pass over each weight (dequantized once for a quantized layer)
+        values = t.values
+        counts[t.key], total = int((values == 0).sum()), total + values.numel()
     layers = [f"{key} ({n})" for key, n in counts.items() if n]
-    zeros, total = sum(counts.values()), sum(t.weight.numel() for t in targets)
+    zeros = sum(counts.values())
     if zeros:
         warn_user(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
                   f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
                   f"{' ...' if len(layers) > 8 else ''}.")
     return bool(zeros)
+
+
+def target_sparsity(targets: list[Target]) -> list[LayerSparsity]:
+    """Zeros and N:M validity of each target's weight (N:M groups along its input axis)."""
+    return [layer_sparsity(t.key, t.values, dim=t.input_axis) for t in targets]
+
+
+def model_sparsity(model: nn.Module, target_modules: Optional[Union[str, list[str]]] = None,
+                   exclude_modules: Optional[Union[str, list[str]]] = None) -> list[LayerSparsity]:
+    """Zeros and N:M validity of the weights that ``target_modules`` names (None: the weight of every module of a
+    kind liera knows, heads included), as they are now: after a merge, what a deployment gets."""
+    if target_modules is None:
+        targets = [Target(name, module, kind.weight_name, kind) for name, module in _named_modules(model)
+                   for kind in [kind_of(module)]
+                   if kind is not None and module._parameters.get(kind.weight_name) is not None]
+    else:
+        targets = find_targets(model, LieRAConfig(target_modules=target_modules, exclude_modules=exclude_modules))
+    return target_sparsity(targets)
+
+
+def report_zero_entries(targets: list[Target]) -> list[LayerSparsity]:
+    """With keep_zeros the zeros are intended: log the sparsity that the adapter will keep (liera's logger, INFO)
+    instead of warning that they cannot move; returns the per-layer rows."""
+    rows = target_sparsity(targets)
+    report = sparsity_report(rows, "liera keep_zeros: the adapted weights keep their zeros")
+    logging.getLogger("liera").info("%s", report)
+    return rows
 
 
 def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) -> list[tuple[Target, Generator,
@@ -194,7 +242,8 @@ def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
     targets = find_targets(model, config, strict=strict)
     for field_name, keys in config.unmatched_patterns([(t.path, t.param_name) for t in targets]).items():
         warn_user(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
-                  f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), as in PEFT.")
+                  f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), as in "
+                  f"PEFT.")
     plan = []
     for target in targets:
         weight = target.weight
@@ -204,7 +253,7 @@ def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                              f"fully_shard(...) on the wrapped model, so that the adapter tensors are sharded and "
                              f"their gradients reduced with the rest.")
         try:
-            plan.append((target, *build_adapter(config, target.path, target.param_name, weight)))
+            plan.append((target, *build_adapter(config, target.path, target.param_name, target.values)))
         except ValueError as exc:
             raise ValueError(f"{target.key}: {exc}") from None
     return plan

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from .autograd import autocast_dtype, autocast_off, recomputed_op, run_op
 from .config import LieRAConfig
 from .generators import Generator, build_generator
 from .group import MULTIPLICATIVE, TAYLOR
-from .layers import BINDERS
+from .layers import BINDERS, QuantizedWeight, WeightOp, kind_of
 
 ADAPTER_PREFIX = "liera_"
 
@@ -52,13 +53,21 @@ class AdapterSettings:
     dropout: float = 0.0
     fast_path: bool = True
     update_branch: str = "merged"
+    keep_zeros: bool = False
 
     @classmethod
     def from_config(cls, config: LieRAConfig) -> "AdapterSettings":
-        return cls(config.exp_map, config.update, float(config.dropout), config.fast_path, config.update_branch)
+        return cls(config.exp_map, config.update, float(config.dropout), config.fast_path, config.update_branch,
+                   config.keep_zeros)
 
 
-def is_sharded(tensor) -> bool:
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
+
+
+def is_sharded(tensor: object) -> TypeGuard[DTensor]:
     """Whether a tensor is a DTensor (sharded by FSDP2 or tensor parallelism). A DTensor can only exist once its
     module was imported, so liera looks it up instead of importing it (that import alone takes about 1.5 s)."""
     dtensor = sys.modules.get("torch.distributed.tensor")
@@ -86,6 +95,11 @@ class AdaptedWeight(nn.ModuleDict):
     """The adapters (name -> Generator) of one weight, and their state: which act (active), which are merged
     into the weight, whether all are switched off (disabled). Only the methods below change that state, and
     each keeps the eval-mode weight cache right."""
+
+    if TYPE_CHECKING:  # what the ModuleDict holds: generators only (add() is the one writer)
+        def __getitem__(self, key: str) -> Generator: ...
+        def values(self) -> Iterator[Generator]: ...  # type: ignore[override]
+        def items(self) -> Iterator[tuple[str, Generator]]: ...  # type: ignore[override]
 
     def __init__(self, param_name: str) -> None:
         super().__init__()
@@ -159,8 +173,16 @@ class AdaptedWeight(nn.ModuleDict):
             return p.device
         return torch.device("cpu")
 
+    @property
+    def weight_shape(self) -> torch.Size:
+        """The adapted weight's logical shape (its generators'), also for a quantized layer whose stored tensor is
+        packed into another shape; what adapter files record."""
+        for gen in self.values():
+            return torch.Size(gen.shape)
+        raise ValueError(f"{self.param_name!r} holds no adapter")
+
     def owner_weight(self, owner: nn.Module) -> Tensor:
-        return owner._parameters[self.param_name]
+        return cast(Tensor, owner._parameters[self.param_name])
 
     def to_merge(self, names: Sequence[str]) -> list[str]:
         """Of these adapters, those present here and not merged yet (checked to compose with the merged ones)."""
@@ -176,10 +198,15 @@ class AdaptedWeight(nn.ModuleDict):
         if not torch.isfinite(new).all():
             raise ValueError(f"safe_merge: merging {list(names)} into {where} gives non-finite values; no weight was "
                              f"changed.")
-        bad = group.near_singular(self.terms(names, dtype))
+        bad = self.singular(weight, names, dtype)
         if bad is not None and bad.any():
             raise ValueError(f"safe_merge: {int(bad.sum())} entries of {where} have a Taylor factor 1 + D near 0; "
                              f"unmerging could not recover them, so nothing was merged.")
+        lost = self.lost_zeros(weight, new, names)
+        if lost:
+            raise ValueError(f"safe_merge: merging {list(names)} turns {lost} non-zero entries of {where} into exact "
+                             f"zeros; with keep_zeros an unmerge would take them for intended zeros, so nothing was "
+                             f"merged (merge with keep_merge_copy=True to unmerge exactly).")
 
     @torch.no_grad()
     def merge(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype = torch.float32,
@@ -187,11 +214,26 @@ class AdaptedWeight(nn.ModuleDict):
         """W <- W * g(D) in place for these adapters; returns how many entries cannot be unmerged exactly."""
         if keep_copy and self._merge_copy is None:
             self._merge_copy = weight.detach().clone()
-        bad = group.near_singular(self.terms(names, dtype))
-        weight.copy_(self.merged_weight(weight, names, dtype))
+        bad = self.singular(weight, names, dtype)
+        new = self.merged_weight(weight, names, dtype)
+        lost = self.lost_zeros(weight, new, names)
+        weight.copy_(new)
         self._merged = self._merged + list(names)
         self._cache = None
-        return 0 if bad is None else int(bad.sum())
+        return (0 if bad is None else int(bad.sum())) + lost
+
+    def singular(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Optional[Tensor]:
+        """Entries whose Taylor factor is near 0 (a merge there cannot be undone); with keep_zeros only where W != 0,
+        since a zero of W stays zero whatever its factor. An additive update has no factor: None."""
+        if self.update_kind(names) == group.ADDITIVE:
+            return None
+        bad = group.near_singular(self.terms(names, dtype))
+        return bad & (weight != 0) if bad is not None and self.keeps_zeros(names) else bad
+
+    def lost_zeros(self, weight: Tensor, merged: Tensor, names: Sequence[str]) -> int:
+        """With keep_zeros: entries a merge turns from non-zero into exact zeros (an unmerge, which reads the mask
+        from the merged weight, cannot recover them); 0 otherwise."""
+        return int(group.new_zeros(weight, merged).sum()) if self.keeps_zeros(names) else 0
 
     @torch.no_grad()
     def unmerge(self, weight: Tensor, names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32) -> None:
@@ -208,9 +250,10 @@ class AdaptedWeight(nn.ModuleDict):
         self._cache = None
 
     @torch.no_grad()
-    def delta(self, weight: Tensor, names: Optional[Sequence[str]] = None,
-              dtype: torch.dtype = torch.float32) -> Tensor:
-        """The learned update W_eff - W of these adapters (default: the live ones), in ``dtype`` or wider."""
+    def weight_change(self, weight: Tensor, names: Optional[Sequence[str]] = None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+        """The learned update W_eff - W of these adapters (default: the live ones), in ``dtype`` or wider (not a
+        generator's D, which ``Generator.delta`` gives)."""
         names = self.live() if names is None else list(names)
         if not names:
             return torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype))
@@ -229,7 +272,17 @@ class AdaptedWeight(nn.ModuleDict):
         if len(kinds) > 1:
             raise ValueError(f"adapters {list(names)} on {self.param_name!r} mix updates {sorted(kinds)}: an additive and "
                              f"a multiplicative update do not compose into one group element; activate one kind at a time.")
-        return kinds.pop()
+        kind = kinds.pop()
+        if kind == group.ADDITIVE and len({self.settings[n].keep_zeros for n in names}) > 1:
+            raise ValueError(f"adapters {list(names)} on {self.param_name!r} mix a masked additive update "
+                             f"(keep_zeros=True) with a plain one, which would fill the zeros the other keeps; "
+                             f"activate one kind at a time, or give both the same keep_zeros.")
+        return kind
+
+    def keeps_zeros(self, names: Sequence[str]) -> bool:
+        """Whether these adapters keep the zeros of W (any with keep_zeros: a multiplicative one keeps them anyway,
+        and update_kind refuses mixed additive ones)."""
+        return any(self.settings[n].keep_zeros for n in names)
 
     def params(self, names: Sequence[str]) -> list[Tensor]:
         return [p for n in names for p in self[n].parameters()]
@@ -263,7 +316,8 @@ class AdaptedWeight(nn.ModuleDict):
 
     def _group_updated(self, weight: Tensor, names: Sequence[str], cd: torch.dtype, bound: list) -> Tensor:
         """V = W * prod g(D_i) (or W + sum D_i), in the compute dtype, before any generator transform."""
-        return group.apply(weight.to(cd), self.terms(names, cd, bound=bound), self.update_kind(names))
+        return group.apply(weight.to(cd), self.terms(names, cd, bound=bound), self.update_kind(names),
+                           self.keeps_zeros(names))
 
     def has_transform(self, names: Sequence[str]) -> bool:
         return any(type(self[n]).transform is not Generator.transform for n in names)
@@ -285,6 +339,8 @@ class AdaptedWeight(nn.ModuleDict):
                 for n, gen, given in bound:
                     out = gen.transform(out, w) if given is None else functional_call(gen, given, (out, w),
                                                                                       {"transform": True})
+            if self.keeps_zeros(names):  # a transform (DoRA's norm) rescales: pin the zeros again
+                out = group.keep_zeros_of(w, out)
         return out.to(out_dtype or weight.dtype)
 
     def merged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
@@ -294,6 +350,8 @@ class AdaptedWeight(nn.ModuleDict):
         out = self._group_updated(weight, names, cd, list(self._generators(names, None)))
         for n in names:
             out = self[n].merge_transform(out, w)
+        if self.keeps_zeros(names) and self.has_transform(names):
+            out = group.keep_zeros_of(w, out)
         return out.to(weight.dtype)
 
     def unmerged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
@@ -302,7 +360,10 @@ class AdaptedWeight(nn.ModuleDict):
         out = weight.to(cd)
         for n in reversed(list(names)):
             out = self[n].unmerge_transform(out)
-        return group.unapply(out, self.terms(names, cd), self.update_kind(names)).to(weight.dtype)
+        out = group.unapply(out, self.terms(names, cd), self.update_kind(names), self.keeps_zeros(names))
+        if self.keeps_zeros(names) and self.has_transform(names):  # the zeros as the merged weight holds them
+            out = group.keep_zeros_of(weight.to(cd), out)
+        return out.to(weight.dtype)
 
     def difference(self, weight: Tensor, names: Sequence[str], tensors: Optional[Sequence[Tensor]] = None,
                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -312,13 +373,14 @@ class AdaptedWeight(nn.ModuleDict):
         if self.has_transform(names):
             return (self.effective(weight, names, cd, tensors, out_dtype=cd) - w).to(out_dtype or weight.dtype)
         terms = self.terms(names, cd, tensors=tensors)
-        return group.delta_weight(w, terms, self.update_kind(names)).to(out_dtype or weight.dtype)
+        return group.delta_weight(w, terms, self.update_kind(names), self.keeps_zeros(names)).to(
+            out_dtype or weight.dtype)
 
     def effective_rows(self, weight: Tensor, index: Tensor, names: Sequence[str]) -> Tensor:
         """W_eff[index] from the gathered rows only (embeddings)."""
         cd = self._compute_dtype(weight, names)
         rows = F.embedding(index, weight).to(cd)
-        out = group.apply(rows, self.terms(names, cd, index), self.update_kind(names))
+        out = group.apply(rows, self.terms(names, cd, index), self.update_kind(names), self.keeps_zeros(names))
         return out.to(weight.dtype)
 
     # ------------------------------------------------------------------ the redirect
@@ -326,37 +388,18 @@ class AdaptedWeight(nn.ModuleDict):
         names = self.live()
         if not names:
             return func(*args, **kwargs)
-        params = self.params(names)
-        grad_needed = torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in params))
         binder = BINDERS.get(func)
         op = binder(args, kwargs, weight) if binder is not None else None
+        params = self.params(names)
+        grad_needed = torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in params))
         if getattr(op, "gathers_rows", False):
             if (grad_needed or training) and not self.has_transform(names):
-                return self.effective_rows(weight, op.index, names)
+                return self.effective_rows(weight, cast(Any, op).index, names)
             op = None
-        fast = (op is not None and grad_needed and all(self.settings[n].fast_path for n in names)
-                and not torch.compiler.is_compiling())
-        # under torch.autocast the op runs in its dtype, with the weight formed from float32 pieces and cast once
-        amp = autocast_dtype(op.input) if op is not None else None
-        # the update as its own float32 op, summed in float32 and rounded once (HiRA's precision)
-        wide = self._compute_dtype(weight, names) if op is not None and any(
-            self.settings[n].update_branch == "float32" for n in names) else None
-        if fast:
-            p = max(self.settings[n].dropout for n in names) if training else 0.0
-            if p == 0.0 and wide is None:
-                return recomputed_op(op, lambda w, ps: self.effective(w, names, tensors=ps), weight, params, dtype=amp)
-            # the update branch: op(x, W) + op(drop(x), W_eff - W); dropout acts on it only, as in LoRA
-            base = run_op(op, op.input, weight, op.bias, amp)
-            x = op.input if wide is None else op.input.to(wide)
-            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
-            branch = recomputed_op(op, lambda w, ps: self.difference(w, names, ps, out_dtype=wide), weight, params,
-                                   x=dropped, with_bias=False, dtype=wide or amp)
-            return base + branch if wide is None else (base + branch).to(base.dtype)
-        if wide is not None:
-            diff = self._cached(weight, names, params, grad_needed, training, "difference",
-                                lambda: self.difference(weight, names, params, out_dtype=wide))
-            base = run_op(op, op.input, weight, op.bias, amp)
-            return (base + run_op(op, op.input, diff, None, wide)).to(base.dtype)
+        if op is not None:
+            out = self.run(op, weight, names, training)
+            if out is not None:
+                return out
         key = id(self)
         if key not in memo:
             memo[key] = self._generic_weight(weight, names, params, grad_needed, training)
@@ -366,15 +409,66 @@ class AdaptedWeight(nn.ModuleDict):
         kwargs = {k: swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
+    def run(self, op: WeightOp, stored: Tensor, names: Sequence[str], training: bool,
+            read: Optional[Callable[[Tensor], Tensor]] = None, dtype: Optional[torch.dtype] = None,
+            base: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """The bound op with these adapters: the fast path (one op, the weight rebuilt in backward), the update
+        branch (dropout, or update_branch="float32"), or, for a quantized weight, one op on the effective weight;
+        None where the generic path serves a float weight (no gradient needed: one op with the cached W_eff).
+
+        read: stored tensor -> float weight (a quantized layer's dequantization), applied inside every build so the
+        float weight is never kept; dtype: the op's dtype outside autocast (None: that of its inputs); base: the op
+        on the stored weight (a quantized layer's own kernel) for the update branch.
+        """
+        params = self.params(names)
+        grad_needed = torch.is_grad_enabled() and (stored.requires_grad or any(p.requires_grad for p in params))
+        fast = grad_needed and all(self.settings[n].fast_path for n in names) and not torch.compiler.is_compiling()
+        # under torch.autocast the op runs in its dtype, with the weight formed from float32 pieces and cast once
+        dtype = autocast_dtype(op.input) or dtype
+        # the update as its own float32 op, summed in float32 and rounded once (HiRA's precision)
+        wide = self._compute_dtype(stored, names) if any(
+            self.settings[n].update_branch == "float32" for n in names) else None
+        floated = (lambda w: w) if read is None else read
+
+        def effective(w: Tensor, ps: Sequence[Tensor]) -> Tensor:
+            return self.effective(floated(w), names, tensors=ps)
+
+        def difference(w: Tensor, ps: Sequence[Tensor]) -> Tensor:
+            return self.difference(floated(w), names, ps, out_dtype=wide)
+
+        def base_op() -> Tensor:
+            return base() if base is not None else run_op(op, op.input, stored, op.bias, dtype)
+
+        p = max(self.settings[n].dropout for n in names) if training else 0.0
+        if fast and p == 0.0 and wide is None:
+            return recomputed_op(op, effective, stored, params, dtype=dtype)
+        if fast:  # the update branch: op(x, W) + op(drop(x), W_eff - W); dropout acts on it only, as in LoRA
+            y = base_op()
+            x = op.input if wide is None else op.input.to(wide)
+            dropped = F.dropout(x, p, training=True) if p > 0.0 else x
+            branch = recomputed_op(op, difference, stored, params, x=dropped, with_bias=False, dtype=wide or dtype)
+            return y + branch if wide is None else (y + branch).to(y.dtype)
+        if wide is not None:
+            diff = self._cached(stored, names, params, grad_needed, training, "difference",
+                                lambda: difference(stored, params), cache=read is None)
+            y = base_op()
+            return (y + run_op(op, op.input, diff, None, wide)).to(y.dtype)
+        if read is None:
+            return None
+        w_eff = self._cached(stored, names, params, grad_needed, training, "effective",
+                             lambda: effective(stored, params), cache=False)  # a float copy of a quantized layer
+        return run_op(op, op.input, w_eff, op.bias, dtype)
+
     def _generic_weight(self, weight, names, params, grad_needed, training) -> Tensor:
         return self._cached(weight, names, params, grad_needed, training, "effective",
                             lambda: self.effective(weight, names))
 
-    def _cached(self, weight, names, params, grad_needed, training, what: str, build) -> Tensor:
-        """Built with autograd when gradients are needed; in eval, kept until a parameter or setting changes."""
+    def _cached(self, weight, names, params, grad_needed, training, what: str, build, cache: bool = True) -> Tensor:
+        """Built with autograd when gradients are needed; in eval, kept until a parameter or setting changes (unless
+        ``cache`` is off: a quantized layer would keep a float copy of its weight)."""
         if grad_needed:
             return build()
-        if training:
+        if training or not cache:
             with torch.no_grad():
                 return build()
         key = (what, tuple(names), weight.data_ptr(), weight._version, weight.dtype,
@@ -416,6 +510,52 @@ class _Redirect(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def float_weight(owner: nn.Module, param_name: str) -> Tensor:
+    """The adapted tensor's values as floats: the parameter itself, or a quantized layer's dequantized weight (what
+    an adapter is built for: its shape, dtype and, for rms scaling or PiSSA, its values)."""
+    weight = cast(Tensor, owner._parameters[param_name])
+    quantized = quantization_of(owner, param_name)
+    return weight if quantized is None else quantized.dequantize(owner, weight).detach()
+
+
+def quantization_of(owner: nn.Module, param_name: str) -> Optional[QuantizedWeight]:
+    """How ``owner.<param_name>`` is stored quantized (bitsandbytes), or None for a float tensor."""
+    kind = kind_of(owner)
+    return kind.quantized if kind is not None and param_name == kind.weight_name else None
+
+
+def check_mergeable(weight: Tensor, where: str) -> None:
+    """Refuse a merge into a quantized weight before anything changes: requantizing W_eff would round a learned
+    update of a few percent of |W| into the quantization error (4-bit steps are ~10% of a block's range)."""
+    if not weight.is_floating_point():
+        raise ValueError(f"{where} is stored quantized ({type(weight).__name__}, {weight.dtype}); liera does not merge "
+                         f"into a quantized weight, since requantizing would round the learned update away. Keep the "
+                         f"adapter unmerged (it runs on the quantized base), or merge into a bf16 copy: load the base "
+                         f"model unquantized (torch_dtype=torch.bfloat16), load this adapter into it, then "
+                         f"merge_and_unload(). Nothing was merged.")
+
+
+def quantized_forward(owner: nn.Module, adapted: AdaptedWeight, training: bool, x: Tensor) -> Tensor:
+    """A quantized layer's forward (layers/bnb.py): its own kernels while no adapter acts, else one float op on the
+    effective weight, built from the dequantized weight inside the recompute path (never kept for backward)."""
+    names = adapted.live()
+    if not names:
+        return type(owner).forward(owner, x)
+    quantized = quantization_of(owner, adapted.param_name)
+    assert quantized is not None
+    y = adapted.run(quantized.op(x, cast(Optional[Tensor], owner.bias)), adapted.owner_weight(owner), names, training,
+                    read=lambda w: quantized.dequantize(owner, w), dtype=quantized.compute_dtype(owner, x),
+                    base=lambda: type(owner).forward(owner, x))
+    assert y is not None
+    return y if autocast_dtype(x) is not None else y.to(x.dtype)
+
+
+def _quantized_module_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Bound to a quantized owner as its instance ``forward`` while it holds adapters (its stored weight cannot be
+    handed to a torch call, so the redirect hooks do not serve it)."""
+    return quantized_forward(self, adapted_weights_of(self)[0], self.training, x)
+
+
 def adapted_weights_of(module: nn.Module) -> list[AdaptedWeight]:
     return [m for name, m in module._modules.items() if name.startswith(ADAPTER_PREFIX) and isinstance(m, AdaptedWeight)]
 
@@ -452,7 +592,7 @@ def redirect_post_hook(module: nn.Module, args, output) -> None:
 def attach(owner: nn.Module, param_name: str, name: str, generator: Generator, settings: AdapterSettings) -> None:
     """Give ``owner.<param_name>`` the adapter ``name``: its AdaptedWeight child (made on first use) and the hooks."""
     child = ADAPTER_PREFIX + param_name
-    adapted = owner._modules.get(child)
+    adapted = cast(Optional[AdaptedWeight], owner._modules.get(child))
     if adapted is None:
         adapted = AdaptedWeight(param_name)
         owner.add_module(child, adapted)
@@ -469,7 +609,10 @@ def detach(owner: nn.Module, adapted: AdaptedWeight) -> None:
 
 
 def install_hooks(module: nn.Module) -> None:
-    """Register the redirect hooks on an owner module once."""
+    """Register the redirect hooks on an owner module once (a quantized layer gets its instance forward instead)."""
+    if any(quantization_of(module, a.param_name) is not None for a in adapted_weights_of(module)):
+        module.forward = types.MethodType(_quantized_module_forward, module)
+        return
     if any(h is redirect_pre_hook for h in module._forward_pre_hooks.values()):
         return
     module.register_forward_pre_hook(redirect_pre_hook)
@@ -477,6 +620,7 @@ def install_hooks(module: nn.Module) -> None:
 
 
 def remove_hooks(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)  # a quantized layer's instance forward
     for hooks, fn in ((module._forward_pre_hooks, redirect_pre_hook), (module._forward_hooks, redirect_post_hook)):
         for key in [k for k, h in hooks.items() if h is fn]:
             del hooks[key]

@@ -4,9 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# the numerical tests run on every device torch sees; CUDA ones skip cleanly on a machine without a GPU
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 class StaticSamePadConv2d(nn.Conv2d):
@@ -132,7 +137,7 @@ def perturb(liera_model, std: float = 0.3, seed: int = 1) -> None:
         for _, _, adapted in liera_model.adapted_weights():
             for gen in adapted.values():
                 for p in gen.parameters():
-                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+                    p.add_((torch.randn(p.shape, generator=g, dtype=p.dtype) * std).to(p.device))
 
 
 class EmbedProject(nn.Module):

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 COMMANDS = {  # name -> one-line help (what `liera --help` lists without importing anything)
     "demo": "compare LieRA with LoRA, PEFT's LoRA and a linear probe on a real pretrained CNN (EfficientNet-Lite0)",
     "finetune": "fine-tune a model on your own data or a built-in task (images, text, a causal language model)",
     "merge": "merge an adapter into a safetensors state dict, without the model's code",
-    "inspect": "print an adapter's config, layers, parameter counts and D statistics",
+    "inspect": "print an adapter's config, layers, parameter counts and D statistics, or a weights file's sparsity",
     "convert": "convert an adapter folder between liera's format and PEFT's native LIERA format",
 }
 
@@ -39,7 +40,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", action="append", metavar="METHOD=LR", help="override a learning rate, e.g. lora=1e-3")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores other jobs leave free, from the load average)")
+                   help="torch CPU threads (default: the cores other processes leave free now, from /proc/stat)")
     p.add_argument("--quick", action="store_true", help="smoke run in seconds (tiny data, 1 epoch)")
     p.add_argument("--no-progress", action="store_true")
     return _demo
@@ -84,14 +85,21 @@ def _merge(args) -> int:
 
 
 def _inspect_arguments(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("adapter", help="adapter folder (or the adapter_model.safetensors inside it)")
+    p.add_argument("adapter", help="adapter folder (or the adapter_model.safetensors inside it), or a model's "
+                                   ".safetensors state dict (or its folder): then each weight's zeros and N:M validity")
+    p.add_argument("--nm", default="2:4,4:8", help="N:M patterns a sparsity report checks (at most N non-zeros in "
+                                                   "every M consecutive inputs), comma-separated; default 2:4,4:8")
     return _inspect
 
 
 def _inspect(args) -> int:
-    from ..integrations.statedict import inspect_adapter
+    from ..integrations.statedict import inspect_adapter, inspect_sparsity, is_weights_file
+    from ..sparsity import parse_nm
 
-    print(inspect_adapter(args.adapter))
+    if is_weights_file(args.adapter):
+        print(inspect_sparsity(args.adapter, [parse_nm(p) for p in args.nm.split(",") if p.strip()]))
+    else:
+        print(inspect_adapter(args.adapter))
     return 0
 
 
@@ -100,11 +108,29 @@ def _convert_arguments(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--to", choices=["peft", "liera"], required=True,
                    help="peft: PEFT's native LIERA format (peft.PeftModel.from_pretrained after "
                         "`import liera.integrations.peft`); liera: liera's own format (LieRAModel.from_pretrained)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder; never the input folder")
     return _convert
 
 
+def _input_folder(adapter: str) -> Path:
+    """The folder of ``adapter`` (a folder or one of its files)."""
+    source = Path(adapter)
+    return source.parent if source.is_file() else source
+
+
+def _same_folder(adapter: str, out: str) -> bool:
+    """Whether ``out`` is the folder of ``adapter``: both formats use the same two file names, so writing there would
+    replace the input."""
+    source, target = _input_folder(adapter), Path(out)
+    return target.exists() and source.exists() and target.resolve() == source.resolve()
+
+
 def _convert(args) -> int:
+    if _same_folder(args.adapter, args.out):
+        raise ValueError(f"--out {args.out!r} is the input adapter folder; convert never overwrites its input (both "
+                         f"formats write adapter_config.json and adapter_model.safetensors, so the original would be "
+                         f"replaced). Choose another folder, e.g. "
+                         f"--out {_input_folder(args.adapter).resolve().name}-{args.to}.")
     from ..integrations import peft as peft_method
 
     convert = peft_method.liera_to_peft if args.to == "peft" else peft_method.peft_to_liera
@@ -150,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from .errors import UserError  # a few lines: `liera --help` stays instant
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
     parser = build_parser(command if command in COMMANDS else "")
@@ -158,7 +186,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, UserError) as exc:
+        # the user's mistake: one line and exit 2. Anything else (a RuntimeError from torch, say) is a bug: its
+        # traceback is what a report needs, so it propagates.
         print(f"liera {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 DATA_DIR = Path(__file__).parent / "data"
 DEMO_FILE = DATA_DIR / "fashion_mnist_vtab1k.npz"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -36,10 +38,10 @@ class ImageTask:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def validation_split(self, fraction: float = 0.2, seed: int = 0) -> "ImageTask":
+    def validation_split(self, fraction: float = 0.2, seed: int = 0) -> ImageTask:
         """Carve a stratified validation split out of the training set (used as the test set of the result)."""
         rng = np.random.default_rng(seed)
-        val = []
+        val: list[np.ndarray] = []
         for c in np.unique(self.train_y):
             idx = rng.permutation(np.flatnonzero(self.train_y == c))
             val.extend(idx[: max(1, int(round(len(idx) * fraction)))])
@@ -58,7 +60,8 @@ def fashion_mnist_1k(test_size: int = 2000) -> ImageTask:
         full = DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz"
         if not full.exists():
             raise FileNotFoundError(f"test_size={test_size} needs Debian's dataset-fashion-mnist "
-                                    f"(apt install dataset-fashion-mnist); the carried subset has {len(test_y)} test images.")
+                                    f"(apt install dataset-fashion-mnist); the carried subset has {len(test_y)} test "
+                                    f"images.")
         test_x, test_y = _read_idx(full), _read_idx(DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz")
     return ImageTask("fashion-mnist-1k", data["train_x"], data["train_y"], test_x[:test_size], test_y[:test_size],
                      FASHION_CLASSES)
@@ -89,7 +92,7 @@ def textures_1k(patch: int = 24, test_per_class: int = 200, seed: int = 0) -> Im
         from skimage import data as skdata
         from skimage.color import rgb2gray
     except ImportError as exc:
-        raise RuntimeError("the textures task needs scikit-image (pip install scikit-image, or liera[demo])") from exc
+        raise UserError("the textures task needs scikit-image (pip install scikit-image, or liera[demo])") from exc
     rng = np.random.default_rng(seed)
 
     def cut(image: np.ndarray, rows: tuple[int, int], n: int) -> np.ndarray:
@@ -299,5 +302,5 @@ def load_text_table(path: str | Path, text_column: str = "text", label_column: s
     for c in range(len(labels)):
         idx = rng.permutation(np.flatnonzero(y == c))
         test[idx[: int(len(idx) * test_fraction)]] = True
-    pick = lambda m: [t for t, k in zip(text, m) if k]  # noqa: E731
+    pick = lambda m: [t for t, k in zip(text, m, strict=True) if k]  # noqa: E731
     return TextTask(path.stem, pick(~test), y[~test], pick(test), y[test], labels)

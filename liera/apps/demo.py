@@ -15,11 +15,10 @@ import os
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 from ..io import atomic_write
 from .data import fashion_mnist_1k, to_model_input
@@ -46,9 +45,9 @@ def _available(methods: Sequence[str]) -> list[str]:
 
 
 def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEMO_METHODS, r: int = 8,
-             alpha: Optional[float] = None, epochs: int = 5, resolution: int = 64, batch_size: int = 32,
-             seed: int = 0, lrs: Optional[dict] = None, train_size: int = 1000, test_size: int = 2000,
-             show_progress: bool = True, threads: Optional[int] = None) -> list[ArmResult]:
+             alpha: float | None = None, epochs: int = 5, resolution: int = 64, batch_size: int = 32,
+             seed: int = 0, lrs: dict | None = None, train_size: int = 1000, test_size: int = 2000,
+             show_progress: bool = True, threads: int | None = None) -> list[ArmResult]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; give a directory for the results.")
@@ -69,7 +68,8 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     print(f"liera demo: EfficientNet-Lite0 (ImageNet) on {task.name}: {len(y_train)} train / {len(y_test)} test "
           f"images at {resolution}x{resolution}; convolutions adapted at r={r}, alpha={alpha:g} (@dw: stem + depthwise "
           f"only); {epochs} epochs; {len(methods)} arms")
-    template = load_efficientnet_lite0(task.num_classes, seed).to(memory_format=nhwc)
+    # Module.to takes memory_format at runtime; torch's type stubs leave it out
+    template = load_efficientnet_lite0(task.num_classes, seed).to(memory_format=nhwc)  # type: ignore[call-overload]
     results: list[ArmResult] = []
     started = time.perf_counter()
     try:
@@ -85,8 +85,9 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
                                    note=describe_failure(exc), seed=seed)
             result.method = arm
             results.append(result)
-            print(f"  {arm_label(arm) + ' (' + arm + ')':>58s}: test accuracy {result.test_accuracy:.4f}  trainable {result.trainable_params:,}  "
-                  f"{result.train_time_s:.0f} s" + (f"  [{result.note}]" if result.note else ""))
+            note = f"  [{result.note}]" if result.note else ""
+            print(f"  {arm_label(arm) + ' (' + arm + ')':>58s}: test accuracy {result.test_accuracy:.4f}  "
+                  f"trainable {result.trainable_params:,}  {result.train_time_s:.0f} s{note}")
             write_results(out, results, meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started))
     except KeyboardInterrupt:
         if results:
@@ -96,14 +97,16 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
         raise
     print()
     print(markdown_table(results))
-    print(f"\nwrote {out}/results.json, {out}/results.md, {out}/results.png  (total {time.perf_counter() - started:.0f} s)")
+    print(f"\nwrote {out}/results.json, {out}/results.md, {out}/results.png  "
+          f"(total {time.perf_counter() - started:.0f} s)")
     return results
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line: the exception and the innermost frame that raised it (outside libraries fail tersely)."""
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} ({frame.line})" if frame else ""
+    where = (f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} ({frame.line})"
+             if frame else "")
     return f"failed: {type(exc).__name__}: {str(exc)[:120]}{where}"[:300]
 
 
@@ -131,8 +134,8 @@ def markdown_table(results: Sequence[ArmResult]) -> str:
     lines = ["| method | arm | trainable params | test accuracy | train time (s) | peak memory (MB) | lr |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {arm_label(r.method)} | `{r.method}` | {r.trainable_params:,} | {r.test_accuracy:.4f} | {r.train_time_s:.1f} | "
-                     f"{r.peak_memory_mb:.0f} | {format_rate(r.lr)} |")
+        lines.append(f"| {arm_label(r.method)} | `{r.method}` | {r.trainable_params:,} | {r.test_accuracy:.4f} | "
+                     f"{r.train_time_s:.1f} | {r.peak_memory_mb:.0f} | {format_rate(r.lr)} |")
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -153,8 +156,17 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)")
+        warnings.warn("matplotlib is not installed: no plot written (pip install matplotlib)", stacklevel=2)
         return
+    fig = figure(results, info)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def figure(results: Sequence[ArmResult], info: dict):
+    """The demo's figure: accuracy against trainable parameters, and the training losses (both log axes labelled
+    at 1, 2, 5 times powers of ten only: labels at every minor tick ran into each other)."""
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5.6))
@@ -181,11 +193,11 @@ def plot(path: Path, results: Sequence[ArmResult], info: dict) -> None:
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss (log)")
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax2.yaxis.set_major_formatter(plain)
-    ax2.yaxis.set_minor_formatter(plain)
+    ax2.yaxis.set_minor_formatter(NullFormatter())
     ax2.set_title("training loss")
     ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    return fig

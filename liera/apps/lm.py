@@ -15,6 +15,7 @@ not one per token).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -23,18 +24,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LieRAConfig
+from ..targeting import find_targets
+from .errors import UserError
 from .lmtasks import SMOLLM2, SMOLLM2_FILE, SMOLLM2_INSTALL, SMOLLM2_PACKAGE, ChoiceTask, package_file
 from .progress import progress, quiet_transformers
 
 SYSTEM_PROMPT = "Answer with one word."
 # the layers the paper adapts on LLaMA (Table 9): Q, K, V, Up, Down
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+# why a built-in model's weights hold exact zeros (zero_entries_note says it once, with what it means)
+ZERO_SOURCE = {SMOLLM2: "SmolLM2's weights are dequantised from its Q4_1 GGUF file, whose 4-bit blocks hold exact "
+                        "zeros"}
 
 
 # ====================================================================== loading
@@ -56,7 +63,7 @@ def smollm2_folder(show_progress: bool = True) -> Path:
     try:
         import gguf as _gguf  # noqa: F401  (transformers reads the file with it)
     except ImportError as exc:
-        raise RuntimeError(f"reading the GGUF file needs the package gguf: {SMOLLM2_INSTALL}") from exc
+        raise UserError(f"reading the GGUF file needs the package gguf: {SMOLLM2_INSTALL}") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)",
@@ -67,7 +74,7 @@ def smollm2_folder(show_progress: bool = True) -> Path:
     # the dequantised weights are plain float32 now: drop the GGUF marker so that the folder saves and loads as such
     model.config.quantization_config = None
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # typed as an HfQuantizer; None means "not quantized"
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))  # written whole, then renamed into place
     try:
@@ -89,15 +96,67 @@ def smollm2_folder(show_progress: bool = True) -> Path:
     return folder
 
 
-def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for the built-in "smollm2-135m" or a local transformers folder of a causal LM."""
+# ====================================================================== precision
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")  # float32; bf16 weights; float32 weights under bf16 autocast
+QUANTIZATIONS = ("4bit", "8bit")  # bitsandbytes nf4 + double quantization (QLoRA) / LLM.int8
+
+
+def bf16_is_fast() -> bool:
+    """Whether this machine runs bf16 matmuls natively: a CUDA device with bf16, or a CPU with AMX / avx512_bf16
+    (on these, bf16 autocast made a training step about 3x faster than float32)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_precision() -> str:
+    """bf16 autocast where bf16 is fast, float32 elsewhere (bf16 without hardware support is slower than float32)."""
+    return "bf16-autocast" if bf16_is_fast() else "fp32"
+
+
+def autocast_dtype_of(precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype a precision trains and scores under (None: no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}.")
+    return torch.bfloat16 if precision == "bf16-autocast" else None
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype = torch.float32) -> Any:
+    """transformers' BitsAndBytesConfig for "4bit" (nf4, double quantization: QLoRA's) or "8bit" (LLM.int8)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantize!r}; use one of {list(QUANTIZATIONS)}.")
+
+
+def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None):
+    """(model, tokenizer) for the built-in "smollm2-135m" or a local transformers folder of a causal LM; ``quantize``
+    ("4bit" / "8bit") loads its linear layers quantized by bitsandbytes (pip install bitsandbytes), computing in
+    ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder() if name == SMOLLM2 else Path(name)
     if not folder.is_dir():
         raise ValueError(f"{name!r} is neither {SMOLLM2!r} nor a transformers model folder (with config.json).")
+    extra: dict[str, Any] = {}
+    if quantize is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install 'liera[quant]' (or "
+                            f"pip install bitsandbytes).") from exc
+        extra = {"quantization_config": quantization_config(quantize, dtype), "device_map": "cpu"}
+        dtype = torch.float32  # the layers left unquantized (norms, embeddings, head) stay float32
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,8 +241,9 @@ def encode(task: ChoiceTask, split: str, tokenizer) -> Encoded:
 
 
 # ====================================================================== training and scoring
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside a LieRAModel, a PeftModel or itself."""
+def causal_lm_of(model: nn.Module) -> Any:
+    """The transformers causal LM inside a LieRAModel, a PeftModel or itself (Any: a transformers PreTrainedModel,
+    whose attributes, generate() included, torch's Module type does not know)."""
     getter = getattr(model, "get_base_model", None)
     return getter() if callable(getter) else model
 
@@ -194,6 +254,12 @@ def answer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last:
     body = getattr(causal, causal.base_model_prefix)
     hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return causal.get_output_embeddings()(hidden[torch.arange(len(last)), last])
+
+
+def _autocast(model: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+    """torch.autocast on the model's device for ``dtype``, or a no-op context for None."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -210,14 +276,19 @@ class FitResult:
 
 def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
            warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0,
-           desc: str = "train", show_progress: bool = True, into: Optional["FitResult"] = None) -> FitResult:
+           desc: str = "train", show_progress: bool = True, into: Optional["FitResult"] = None,
+           max_steps: Optional[int] = None, autocast: Optional[torch.dtype] = None) -> FitResult:
     """AdamW with linear warm-up and linear decay (the paper's LLaMA recipe), gradient clipping as transformers'
     Trainer does; loss = cross-entropy of the right answer's first token. ``into``: a FitResult filled as training
-    goes (what a caller keeps when training is interrupted)."""
+    goes (what a caller keeps when training is interrupted). ``max_steps``: stop after that many steps, the
+    schedule fitted to them (a short run warms up and decays as a full one does). ``autocast``: the dtype the
+    forward runs under torch.autocast (bf16: the --precision bf16-autocast recipe); backward follows it."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, epochs * steps_per_epoch)
+    if max_steps is not None:
+        total = max(1, min(total, max_steps))
     warm = max(1, int(round(warmup * total)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
@@ -231,9 +302,13 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=gen)
         for start in range(0, len(data), batch_size):
+            if result.steps >= total:
+                break
             idx = order[start:start + batch_size]
             ids, mask, last = data.batch(idx.tolist())
-            loss = F.cross_entropy(answer_logits(model, ids, mask, last).float(), targets[idx])
+            with _autocast(model, autocast):
+                logits = answer_logits(model, ids, mask, last)
+            loss = F.cross_entropy(logits.float(), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
@@ -254,14 +329,17 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
 
 
 @torch.no_grad()
-def score(model: nn.Module, data: Encoded, batch_size: int = 32) -> dict[str, float]:
-    """Accuracy (the option with the highest logit at the answer position) and the mean answer loss."""
+def score(model: nn.Module, data: Encoded, batch_size: int = 32, desc: str = "score",
+          show_progress: bool = False, autocast: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Accuracy (the option with the highest logit at the answer position) and the mean answer loss. With
+    show_progress, a bar over the batches (scoring 500 questions takes minutes on a CPU)."""
     model.eval()
     correct, loss = 0, 0.0
     order = sorted(range(len(data)), key=lambda i: len(data.prompts[i]))  # similar lengths: less padding
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc=desc, enabled=show_progress):
         idx = order[start:start + batch_size]
-        logits = answer_logits(model, *data.batch(idx)).float()
+        with _autocast(model, autocast):
+            logits = answer_logits(model, *data.batch(idx)).float()
         labels = data.labels[idx]
         correct += int((logits[:, data.option_ids].argmax(-1) == labels).sum())
         loss += float(F.cross_entropy(logits, data.option_ids[labels], reduction="sum"))
@@ -269,9 +347,25 @@ def score(model: nn.Module, data: Encoded, batch_size: int = 32) -> dict[str, fl
     return {"accuracy": correct / n, "loss": loss / n}
 
 
+def zero_entries_note(model: nn.Module, target_modules: Sequence[str], source: str = "") -> Optional[str]:
+    """One line on the exact zeros of the weights a multiplicative adapter would adapt (None without any): what
+    they mean for training, said once instead of the library's warning at every adapter build. ``source``: why
+    this model has them (SmolLM2's dequantised Q4_1 blocks hold exact zeros)."""
+    targets = find_targets(model, LieRAConfig(target_modules=list(target_modules)))
+    zeros = sum(int((t.values == 0).sum()) for t in targets)
+    if not zeros:
+        return None
+    total = sum(t.values.numel() for t in targets)
+    return (f"note: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly zero"
+            f"{' (' + source + ')' if source else ''}. A multiplicative update (W + W*D) cannot move them: they stay "
+            f"zero through training and merging, and the other entries train as usual. An additive method "
+            f"(--method lora) can move them.")
+
+
 def generate(model: nn.Module, tokenizer, question: str, instruction: str = "", max_new_tokens: int = 8) -> str:
     """Greedy answer to a question in the chat format (what a user of the fine-tuned model sees)."""
     ids = torch.tensor([prompt_ids(tokenizer, question, instruction)])
-    out = causal_lm_of(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = causal_lm_of(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 WORDNET_ISA_FILE = Path(__file__).parent / "data" / "wordnet_isa.jsonl.gz"
 # the built-in language model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (liera.apps.lm loads it)
 SMOLLM2 = "smollm2-135m"
@@ -58,10 +60,10 @@ def package_file(package: str, relative: str, install: str) -> Path:
     pulls heavy dependencies or downloads things); RuntimeError with the install line when it is missing."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"this needs the package {package.replace('_', '-')}: {install}")
+        raise UserError(f"this needs the package {package.replace('_', '-')}: {install}")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise RuntimeError(f"{path} is missing; reinstall: {install}")
+        raise UserError(f"{path} is missing; reinstall: {install}")
     return path
 
 
@@ -72,7 +74,8 @@ def wordnet_isa() -> ChoiceTask:
     splits = {s: [(r["question"], options.index(r["answer"])) for r in rows if r["split"] == s]
               for s in ("train", "validation", "test")}
     return ChoiceTask("wordnet-isa", options, "Answer yes or no.", splits,
-                      "is-a questions from WordNet 3.0 (yes / no, balanced)", "WordNet 3.0 (Princeton), Debian wordnet-base")
+                      "is-a questions from WordNet 3.0 (yes / no, balanced)",
+                      "WordNet 3.0 (Princeton), Debian wordnet-base")
 
 
 def drug_zip_path() -> Path:

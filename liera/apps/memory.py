@@ -9,7 +9,7 @@ static part. It costs a Python call per operator, so track a few steps, not a wh
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -23,7 +23,7 @@ class TensorMemory(TorchDispatchMode):
     gradients, optimizer state, activations and temporaries are counted when they are created.
     """
 
-    def __init__(self, tensors: Optional[Iterable[torch.Tensor]] = None, device: Optional[str] = None) -> None:
+    def __init__(self, tensors: Iterable[torch.Tensor] | None = None, device: str | None = None) -> None:
         super().__init__()
         self.device = device
         self._seen: dict[int, int] = {}
@@ -33,7 +33,7 @@ class TensorMemory(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
 
-    def _storage(self, t) -> Optional[torch.UntypedStorage]:
+    def _storage(self, t) -> torch.UntypedStorage | None:
         """The storage behind `t`, or None (not a tensor, another device, a subclass or meta tensor)."""
         if not isinstance(t, torch.Tensor) or (self.device and t.device.type != self.device):
             return None

@@ -8,7 +8,8 @@ loops, the experiments and the benchmarks all read this table; adding a method i
 The default rates are starting points, each chosen on a validation split of one task per domain (never on a
 test set): ``image`` on Fashion-MNIST-1k with EfficientNet-Lite0, all convolutions (docs/results.md); ``text``
 common transformer values (docs/results-language.md); ``lm`` SmolLM2-135M on the knowledge task
-(docs/results-llm.md). PEFT's arms take the rate of liera's arm with the same math.
+(docs/results-llm.md), and per language-model task the study's own choice (LM_TASK_RATES, read by `liera
+finetune` and examples/smollm2_liera.py alike). PEFT's arms take the rate of liera's arm with the same math.
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ class Method:
     def multiplicative(self) -> bool:
         return self.family == LIERA and self.options.get("update", MULTIPLICATIVE) == MULTIPLICATIVE
 
-    def rate(self, domain: str) -> float:
+    def rate(self, domain: str, task: Optional[str] = None) -> float:
+        """The default rate: the study's choice for ``task`` where it made one (LM_TASK_RATES), else the domain's."""
+        if task is not None and self.name in LM_TASK_RATES.get(task, {}):
+            return LM_TASK_RATES[task][self.name]
         if domain not in self.rates:
             raise ValueError(f"method {self.name!r} has no default learning rate for {domain!r} "
                              f"(it has {sorted(self.rates)}); pass one (--lr).")
@@ -72,19 +76,28 @@ class Method:
         return dataclasses.replace(self, label=f"{self.label}, {exp_map} map", options=options)
 
 
+# The LLM study's rates, each arm's chosen on the task's validation split with SmolLM2-135M (docs/results-llm.md);
+# experiments/records/llm/<task>-chosen.json holds the same numbers (tests/apps/test_lm.py compares them).
+LM_TASK_RATES: dict[str, dict[str, float]] = {
+    "wordnet-isa": {"lora": 3e-3, "liera-taylor": 1e-2, "liera-exact": 1e-2, "liera-rms": 3e-3, "peft-lora": 1e-3,
+                    "peft-dora": 1e-3, "peft-hira": 1e-2},
+    "drug-reviews": {"lora": 1e-3, "liera-taylor": 3e-3, "liera-exact": 3e-3, "liera-rms": 3e-3, "peft-lora": 1e-3,
+                     "peft-dora": 1e-3, "peft-hira": 1e-2},
+}
+
 _TABLE = [
     Method("linear-probe", "linear probe", PROBE, rates={"image": 3e-2, "text": 1e-2}),
     Method("lora", "LoRA (liera, additive update)", LIERA, {"update": ADDITIVE},
-           {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
+           {"image": 3e-3, "text": 1e-3, "lm": 3e-3}),
     Method("liera-taylor", "LieRA-Taylor (the paper's form)", LIERA, {"exp_map": TAYLOR},
-           {"image": 1e-3, "text": 3e-3, "lm": 3e-3}),
-    Method("liera-exact", "LieRA-exact", LIERA, {"exp_map": EXACT}, {"image": 1e-3, "text": 3e-3, "lm": 3e-3}),
+           {"image": 1e-3, "text": 3e-3, "lm": 1e-2}),
+    Method("liera-exact", "LieRA-exact", LIERA, {"exp_map": EXACT}, {"image": 1e-3, "text": 3e-3, "lm": 1e-2}),
     Method("liera-rms", "LieRA-Taylor + rms scaling", LIERA, {"exp_map": TAYLOR, "layer_scaling": "rms"},
-           {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
+           {"image": 3e-3, "text": 1e-3, "lm": 3e-3}),
     Method("full", "full fine-tuning", FULL, rates={"image": 3e-4, "text": 5e-5, "lm": 5e-5}),
     Method("peft-lora", "PEFT LoRA", PEFT, {"peft": "lora"}, {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
     Method("peft-dora", "PEFT DoRA", PEFT, {"peft": "lora", "use_dora": True}, {"text": 1e-3, "lm": 1e-3}),
-    Method("peft-hira", "PEFT HiRA (LieRA-Taylor math)", PEFT, {"peft": "hira"}, {"text": 3e-3, "lm": 3e-3}),
+    Method("peft-hira", "PEFT HiRA (LieRA-Taylor math)", PEFT, {"peft": "hira"}, {"text": 3e-3, "lm": 1e-2}),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _TABLE}
 

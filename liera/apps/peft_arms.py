@@ -21,7 +21,6 @@ refuses groups > 1 for them). This module imports peft; liera.apps.training impo
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +81,7 @@ class GroupedConvLora(nn.Module, LoraLayer):
         if config.use_dora or config.use_rslora or config.lora_bias or config.init_lora_weights not in (True, False):
             raise ValueError("the grouped-conv LoRA layer supports plain LoRA only (no DoRA, rsLoRA, "
                              "lora_bias or special initializations)")
-        weight = self.get_base_layer().weight
+        weight = self.base_weight()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
@@ -96,9 +95,13 @@ class GroupedConvLora(nn.Module, LoraLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def base_weight(self) -> torch.Tensor:
+        """The conv's weight (a Parameter; typed here, since PEFT's get_base_layer() returns any Module)."""
+        return self.get_base_layer().get_parameter("weight")
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        w = self.get_base_layer().weight
-        delta = self.lora_B[adapter].weight @ self.lora_A[adapter].weight
+        w = self.base_weight()
+        delta = self.lora_B[adapter].get_parameter("weight") @ self.lora_A[adapter].get_parameter("weight")
         return (delta * self.scaling[adapter]).reshape(w.shape).to(w.dtype)
 
     def _conv(self, x, weight, bias):
@@ -108,14 +111,14 @@ class GroupedConvLora(nn.Module, LoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         for name in check_adapters_to_merge(self, adapter_names):
             if name in self.lora_A:
-                self.get_base_layer().weight.data += self.get_delta_weight(name)
+                self.base_weight().data += self.get_delta_weight(name)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.lora_A:
-                self.get_base_layer().weight.data -= self.get_delta_weight(name)
+                self.base_weight().data -= self.get_delta_weight(name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
@@ -125,7 +128,7 @@ class GroupedConvLora(nn.Module, LoraLayer):
             return base(x)
         if self.merged:
             return base(x)
-        weight, extra = base.weight, None
+        weight, extra = self.base_weight(), None
         for a in self.active_adapters:
             if a not in self.lora_A:
                 continue
@@ -141,7 +144,7 @@ class GroupedConvLora(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_modules, head: Optional[str] = None,
+def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_modules, head: str | None = None,
              dropout: float = 0.0):
     """PEFT's own adapter (method.options: {"peft": "lora" | "hira", "use_dora": ...}) on the layers liera's arms
     adapt for `target_modules` (model changed in place); the head, if any, is trained in full (modules_to_save).
@@ -154,9 +157,11 @@ def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_m
     exact = "|".join(re.escape(n) for n in names)  # exactly these paths
     options = {k: v for k, v in method.options.items() if k != "peft"}
     kind = method.options["peft"]
+    config: LoraConfig | HiraConfig
     if kind == "lora":
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, modules_to_save=saved, target_modules=exact,
-                            **options)
+        # PEFT annotates lora_alpha as int; any number works (it only enters scaling = alpha / r)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]
+                            modules_to_save=saved, target_modules=exact, **options)
         if not options.get("use_dora"):
             config._register_custom_module({GroupedConv2d: GroupedConvLora})
     elif kind == "hira":  # HiRA has no alpha: W + W * (B @ A)
@@ -165,6 +170,7 @@ def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_m
         raise ValueError(f"method {method.name!r}: unknown PEFT method {kind!r}")
     wrapped = get_peft_model(model, config)
     n_grouped = sum(isinstance(m, GroupedConvLora) for m in wrapped.modules())
-    note = (f"{method.label} on {len(names)} layers" + (f" ({n_grouped} grouped convs through a custom PEFT LoRA "
-                                                       f"layer: PEFT's own needs r % groups == 0)" if n_grouped else ""))
+    grouped = (f" ({n_grouped} grouped convs through a custom PEFT LoRA layer: PEFT's own needs r % groups == 0)"
+               if n_grouped else "")
+    note = f"{method.label} on {len(names)} layers{grouped}"
     return wrapped, note

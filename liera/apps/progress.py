@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 
-def progress(iterable, desc: str, total: Optional[int] = None, enabled: bool = True):
+def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
     """tqdm when installed (and wanted), else the plain iterable."""
     if not enabled:
         return iterable

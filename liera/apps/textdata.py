@@ -37,6 +37,6 @@ def text_validation_split(task: TextTask, fraction: float = 0.2, seed: int = 0) 
     for c in np.unique(task.train_y):
         idx = rng.permutation(np.flatnonzero(task.train_y == c))
         mask[idx[: max(1, int(round(len(idx) * fraction)))]] = True
-    pick = lambda m: [t for t, k in zip(task.train_text, m) if k]  # noqa: E731
+    pick = lambda m: [t for t, k in zip(task.train_text, m, strict=True) if k]  # noqa: E731
     return TextTask(f"{task.name}-val", pick(~mask), task.train_y[~mask], pick(mask), task.train_y[mask],
                     task.classes)

@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from ..config import LieRAConfig
 from ..model import get_liera_model
 from ..targeting import find_targets
+from .errors import UserError
 from .memory import TensorMemory
 from .methods import FULL, LIERA, PEFT, PROBE, Method, get_method
 from .progress import progress
@@ -45,11 +47,12 @@ class ArmResult:
 
 def prepare_arm(method: Union[str, Method], model: nn.Module, *, r: int, alpha: float, target_modules,
                 head: Optional[str] = None, generator: str = "lora", dropout: float = 0.0,
-                full_scope: str = "all") -> tuple[nn.Module, str]:
+                full_scope: str = "all", keep_zeros: bool = False) -> tuple[nn.Module, str]:
     """Set up `model` (in place) for one method; return the module to train and a note.
 
     head: a module trained in full by every arm (None: no head, as for a language model's own output layer).
     full_scope: what the full arm trains, "all" parameters or only the "targets" weights (as a cost reference).
+    keep_zeros: liera's arms keep the zeros of a pruned model (LieRAConfig.keep_zeros; lora becomes masked LoRA).
     """
     method = get_method(method) if isinstance(method, str) else method
     if method.family == FULL:
@@ -58,7 +61,7 @@ def prepare_arm(method: Union[str, Method], model: nn.Module, *, r: int, alpha: 
                 p.requires_grad_(False)
             cfg = method_free_config(r, target_modules, head)
             for t in find_targets(model, cfg):
-                t.owner._parameters[t.param_name].requires_grad_(True)
+                t.weight.requires_grad_(True)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -75,11 +78,12 @@ def prepare_arm(method: Union[str, Method], model: nn.Module, *, r: int, alpha: 
         try:
             from .peft_arms import peft_arm
         except ImportError as exc:
-            raise RuntimeError("PEFT's arms need peft: pip install peft") from exc
+            raise UserError("PEFT's arms need peft: pip install peft") from exc
         return peft_arm(model, method, head=head, r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
     assert method.family == LIERA
     cfg = method.liera_config(r=r, alpha=alpha, target_modules=target_modules, generator=generator, dropout=dropout,
-                              exclude_modules=[head] if head else None, modules_to_save=[head] if head else None)
+                              exclude_modules=[head] if head else None, modules_to_save=[head] if head else None,
+                              keep_zeros=keep_zeros)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*exactly zero.*")
         return get_liera_model(model, cfg), ""
@@ -90,20 +94,61 @@ def method_free_config(r: int, target_modules, head: Optional[str] = None) -> Li
     return LieRAConfig(r=r, target_modules=target_modules, exclude_modules=[head] if head else None)
 
 
+PROC_STAT = Path("/proc/stat")  # Linux's per-CPU time counters (user, nice, system, idle, iowait, irq, ...)
+BUSY_WINDOW_S = 0.25  # how long pick_threads watches the CPUs: long enough to average a scheduler tick or two
+
+
+def cpu_times(path: Optional[Path] = None) -> Optional[tuple[int, int, int]]:
+    """(busy ticks, all ticks, CPUs) summed over the machine since boot, from /proc/stat; None where it cannot be
+    read (not Linux). Busy is everything but idle and iowait (steal counts: another guest holds the core)."""
+    try:
+        lines = (path or PROC_STAT).read_text().splitlines()
+    except OSError:
+        return None
+    total_line = next((ln for ln in lines if ln.startswith("cpu ")), None)
+    cpus = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+    if total_line is None or not cpus:
+        return None
+    ticks = [int(v) for v in total_line.split()[1:9]]  # guest time is already inside user time
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks), cpus
+
+
+def busy_cores(window: float = BUSY_WINDOW_S) -> Optional[float]:
+    """How many cores other processes keep busy now: the busy share of all CPU time over the next ``window``
+    seconds, times the CPUs (this process sleeps meanwhile). None where /proc/stat cannot be read. A decaying
+    load average would still count a job that ended a minute ago and halve a new job's speed."""
+    first = cpu_times()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = cpu_times()
+    if second is None or second[1] <= first[1]:
+        return None
+    return (second[0] - first[0]) / (second[1] - first[1]) * second[2]
+
+
 def pick_threads(requested: Optional[int] = None) -> int:
-    """Torch threads for a long CPU job: the requested number, else the cores other jobs leave free (cores minus
-    the 1-minute load average, at least 1). OpenMP threads that compete with another process for the same cores
-    thrash: a demo that takes minutes alone took over an hour beside another job with all cores requested."""
+    """Torch threads for a long CPU job: the requested number, else the cores other processes leave free now
+    (per-CPU busy time over a quarter second from /proc/stat; where that is missing, the 1-minute load average),
+    at least 1. OpenMP threads that compete with another process for the same cores thrash: a demo that takes
+    minutes alone took over an hour beside another job with all cores requested."""
     if requested:
         return int(requested)
     cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:  # no load average on this platform
-        busy = 0
+    busy_now = busy_cores()
+    source = "now"
+    if busy_now is None:
+        source = "over the last minute"
+        try:
+            busy_now = os.getloadavg()[0]
+        except (OSError, AttributeError):  # no load average on this platform
+            busy_now = 0.0
+    busy = int(busy_now + 0.5)
     chosen = max(1, cores - busy)
     if chosen < cores:
-        print(f"(using {chosen} of {cores} CPU threads: other jobs keep about {busy} busy; --threads N to choose)")
+        print(f"(using {chosen} of {cores} CPU threads: other processes keep about {busy} busy {source}; "
+              f"--threads N to choose)")
     return chosen
 
 
@@ -125,7 +170,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
     gen = torch.Generator().manual_seed(seed)
     forward = forward or (lambda m, xb: m(xb))
     model.eval()  # frozen BN statistics: 1,000 examples are too few to re-estimate them
-    losses = []
+    losses: list[float] = []
     bar = progress(range(epochs * steps_per_epoch), desc=desc, enabled=show_progress)
     it = iter(bar)
     for _ in range(epochs):

@@ -1,6 +1,6 @@
 """Generators: one file per matrix PEFT method, all registered by name (see registry.py)."""
+from . import dora, loha, lokr, lora, pissa, tucker  # noqa: F401  (each registers itself)
 from .base import LAYER_SCALINGS, Generator
 from .registry import GENERATORS, build_generator, get_generator, register_generator
-from . import dora, loha, lokr, lora, pissa, tucker  # noqa: F401  (each registers itself)
 
 __all__ = ["LAYER_SCALINGS", "Generator", "GENERATORS", "build_generator", "get_generator", "register_generator"]

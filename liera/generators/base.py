@@ -17,11 +17,10 @@ buffer (``layer_scale``) so that it is saved with the adapter and a reloaded ada
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-
 
 LAYER_SCALINGS = ("none", "rms")
 
@@ -30,8 +29,9 @@ def rms_scale(weight: Tensor) -> float:
     """1 / rms(W): the factor that gives every layer the same typical relative step under LieRA."""
     rms = float(weight.detach().double().pow(2).mean().sqrt())
     if not math.isfinite(rms) or rms == 0.0:
-        raise ValueError(f"layer_scaling='rms' needs a weight with a finite, non-zero rms; this one ({tuple(weight.shape)}) "
-                         f"has rms {rms}. Leave the layer out (exclude_modules) or use layer_scaling='none'.")
+        raise ValueError(f"layer_scaling='rms' needs a weight with a finite, non-zero rms; this one "
+                         f"({tuple(weight.shape)}) has rms {rms}. Leave the layer out (exclude_modules) or use "
+                         f"layer_scaling='none'.")
     return 1.0 / rms
 
 
@@ -39,6 +39,11 @@ class Generator(nn.Module):
     """Base class. Subclasses set ``name`` and implement ``delta``."""
 
     name: ClassVar[str] = ""
+    single_product: ClassVar[bool] = False
+    """True when D is one low-rank product B @ A and ``factors()`` returns it: what a format that stores a single
+    product without a scale (PEFT's HiRA) can hold. A subclass that sets it implements ``factors()``."""
+    form: ClassVar[str] = "not exposed as one product B @ A"
+    """D in words, for the error of a tool that needs one product B @ A (say why this generator is not one)."""
 
     def __init__(self, weight: Tensor, *, r: int, alpha: float, use_rslora: bool = False,
                  init_weights: bool | str = True, dtype: torch.dtype | None = None, layer_scaling: str = "none",
@@ -57,10 +62,11 @@ class Generator(nn.Module):
                                                              device=weight.device))
         self.init_weights = init_weights
         self.param_dtype = dtype or torch.float32
-        self.factory = {"device": weight.device, "dtype": self.param_dtype}  # where and how new tensors are made
+        # where and how new tensors are made (Any: torch's factory overloads take it as keyword arguments)
+        self.factory: dict[str, Any] = {"device": weight.device, "dtype": self.param_dtype}
 
     @property
-    def scaling(self) -> Union[float, Tensor]:
+    def scaling(self) -> float | Tensor:
         """alpha / r, times 1 / rms(W) with layer_scaling="rms" (then a 0-dim tensor, so no host sync)."""
         scale = getattr(self, "layer_scale", None)
         return self.base_scaling if scale is None else self.base_scaling * scale
@@ -85,8 +91,14 @@ class Generator(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(B, A) with D = reshape(B @ A, W.shape), the scaling folded into B, for generators whose D is one
-        low-rank product (what a format without a scale, such as PEFT's HiRA, stores); others raise."""
+        low-rank product (``single_product``; what a format without a scale, such as PEFT's HiRA, stores); others
+        raise."""
         raise NotImplementedError(f"generator {self.name!r} has no single low-rank product B @ A")
+
+    @classmethod
+    def transforms_weight(cls) -> bool:
+        """Whether ``transform`` acts after the group map (DoRA's magnitude), so W_eff is not W * g(D) alone."""
+        return cls.transform is not Generator.transform
 
     def transform(self, w_eff: Tensor, weight: Tensor) -> Tensor:
         """Post-process the group-updated weight (identity except for decompositions such as DoRA)."""

@@ -7,6 +7,8 @@ records ||V|| per channel (a vector, not a weight copy), which is what the unmer
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -24,9 +26,11 @@ def _per_row(v: Tensor, like: Tensor) -> Tensor:
 
 @register_generator
 class DoRAGenerator(LoRAGenerator):
+    merged_norm: Tensor | None  # a buffer: ||V|| per channel, recorded by a merge for the unmerge
     name = "dora"
+    form = "s * B @ A, with a magnitude vector applied after the group map"
 
-    def __init__(self, weight: Tensor, *, detach_norm: bool = True, **kwargs) -> None:
+    def __init__(self, weight: Tensor, *, detach_norm: bool = True, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         self.detach_norm = bool(detach_norm)
         cd = torch.promote_types(weight.dtype, torch.float32)

@@ -1,6 +1,8 @@
 """LoHa: D = s * (B1 @ A1) * (B2 @ A2), a Hadamard product of two rank-r factors (rank up to r^2)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -11,8 +13,9 @@ from .registry import register_generator
 @register_generator
 class LoHaGenerator(Generator):
     name = "loha"
+    form = "s * (B1 @ A1) * (B2 @ A2), a Hadamard product of two low-rank products"
 
-    def __init__(self, weight: Tensor, **kwargs) -> None:
+    def __init__(self, weight: Tensor, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         std = 0.1
         self.hada_B1 = nn.Parameter(torch.randn(self.out_dim, self.r, **self.factory) * std)

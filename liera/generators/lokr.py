@@ -6,6 +6,7 @@ dimension closest to its square root (the smaller factor goes to C), as LyCORIS 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,11 +24,12 @@ def split(n: int) -> tuple[int, int]:
 @register_generator
 class LoKrGenerator(Generator):
     name = "lokr"
+    form = "s * kron(C, B @ A), a Kronecker product"
 
-    def __init__(self, weight: Tensor, **kwargs) -> None:
+    def __init__(self, weight: Tensor, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         (o1, o2), (i1, i2) = split(self.out_dim), split(self.in_dim)
-        self.factors = (o1, i1, o2, i2)
+        self.split_dims = (o1, i1, o2, i2)  # C is (o1, i1), B @ A is (o2, i2)
         self.lokr_C = nn.Parameter(torch.empty(o1, i1, **self.factory))
         self.lokr_A = nn.Parameter(torch.empty(self.r, i2, **self.factory))
         self.lokr_B = nn.Parameter(torch.zeros(o2, self.r, **self.factory))  # zero: D = 0 at init

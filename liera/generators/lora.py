@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +16,10 @@ class LoRAGenerator(Generator):
     """B: (out, r) starts at zero so D = 0 (the identity); A: (r, in) kaiming-uniform or gaussian."""
 
     name = "lora"
+    single_product = True
+    form = "s * B @ A"
 
-    def __init__(self, weight: Tensor, **kwargs) -> None:
+    def __init__(self, weight: Tensor, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_dim, **self.factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_dim, self.r, **self.factory))

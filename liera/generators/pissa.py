@@ -7,6 +7,7 @@ start far from the identity (the PiSSA + LieRA collapse reported against the off
 """
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +17,12 @@ from .registry import register_generator
 
 
 class _SVDInitGenerator(Generator):
+    lora_B0: Tensor  # buffers: the frozen initial factors
+    lora_A0: Tensor
     minor = False
+    form = "s * (B @ A - B0 @ A0), the trained factors minus their frozen initial values"
 
-    def __init__(self, weight: Tensor, *, init_iters: int | None = None, **kwargs) -> None:
+    def __init__(self, weight: Tensor, *, init_iters: int | None = None, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         w = weight.detach().reshape(self.out_dim, self.in_dim).to(torch.float32 if weight.dtype != torch.float64
                                                                  else torch.float64)

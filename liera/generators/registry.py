@@ -1,7 +1,7 @@
 """Name -> generator class. Register your own with ``@liera.register_generator``."""
 from __future__ import annotations
 
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ def get_generator(name: str) -> type[Generator]:
 
 
 def build_generator(config: Any, path: str, param_name: str, weight: Tensor,
-                    dtype: Optional[torch.dtype] = None) -> Generator:
+                    dtype: torch.dtype | None = None) -> Generator:
     """The one place where a LieRAConfig becomes the generator of one weight (``path`` is the owning module's
     path, ``param_name`` the tensor's name on it): the model, the model-free merge and ``liera inspect`` all
     build through here, so per-layer ranks, alphas and scalings agree everywhere."""

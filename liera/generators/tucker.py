@@ -6,6 +6,7 @@ class with an r x r core. U1 starts at zero, so D = 0 at init (FLoRA-style for c
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +18,14 @@ from .registry import register_generator
 @register_generator
 class TuckerGenerator(Generator):
     name = "tucker"
+    form = "s * core x_1 U1 ... x_n Un, an N-mode Tucker product"
 
-    def __init__(self, weight: Tensor, **kwargs) -> None:
+    def __init__(self, weight: Tensor, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
         self.ranks = tuple(min(self.r, d) for d in self.shape)
         self.tucker_core = nn.Parameter(torch.randn(*self.ranks, **self.factory) / math.sqrt(math.prod(self.ranks)))
         factors = []
-        for k, (d, rk) in enumerate(zip(self.shape, self.ranks)):
+        for k, (d, rk) in enumerate(zip(self.shape, self.ranks, strict=True)):
             if k == 0 and self.init_weights is not False:
                 factors.append(nn.Parameter(torch.zeros(d, rk, **self.factory)))
             else:
@@ -31,7 +33,7 @@ class TuckerGenerator(Generator):
         self.tucker_factors = nn.ParameterList(factors)
 
     def delta(self) -> Tensor:
-        d = self.tucker_core
+        d: Tensor = self.tucker_core
         for k, u in enumerate(self.tucker_factors):
             d = torch.movedim(torch.tensordot(u, d, dims=([1], [k])), 0, k)
         return self.scaling * d

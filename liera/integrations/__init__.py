@@ -14,6 +14,7 @@ diffusers models need no bridge: a UNet is a plain nn.Module (docs/interop.md).
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _LAZY = {"export_peft": "hira", "import_peft": "hira", "LieRATrainer": "trainer", "LieRASaveCallback": "trainer",
          "merge_file": "statedict", "inspect_adapter": "statedict", "LieraConfig": "peft", "LieraModel": "peft",
@@ -21,7 +22,7 @@ _LAZY = {"export_peft": "hira", "import_peft": "hira", "LieRATrainer": "trainer"
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

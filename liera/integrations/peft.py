@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper  # noqa: E402
 from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -53,13 +55,15 @@ from ..config import PEFT_IMPORT, PEFT_TYPE, TARGET_SHORTCUTS, LieRAConfig  # no
 from ..layers import kind_of, supported_kinds_text  # noqa: E402
 from ..names import name_matches  # noqa: E402
 from ..targeting import MODULES_TO_SAVE, find_targets  # noqa: E402
-from ..weight import AdaptedWeight, build_adapter, redirect  # noqa: E402
+from ..weight import (AdaptedWeight, build_adapter, check_mergeable, float_weight, quantization_of,  # noqa: E402
+                      quantized_forward, redirect)
 from .statedict import adapters_by_weight  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 
 PREFIX = "liera_"                  # PEFT's method prefix: every adapter parameter name contains it
-ADAPTERS = "liera_adapters"        # the LieraLayer attribute with the AdaptedWeight; file keys <path>.liera_adapters.<tensor>
+# the LieraLayer attribute with the AdaptedWeight; file keys <path>.liera_adapters.<tensor>
+ADAPTERS = "liera_adapters"
 BASE_LAYER = "base_layer"          # PEFT's name for the module a tuner layer wraps
 PEFT_KEY_PREFIX = "base_model.model."  # what PEFT's files put before module paths
 SAVED = MODULES_TO_SAVE + "."      # liera's file keys of modules trained in full: modules_to_save.<path>.<param>
@@ -122,8 +126,8 @@ class LieraConfig(PeftConfig):
     r: int = _same_as("r", "rank of the generator")
     liera_alpha: float = _same_as("alpha", "D is scaled by liera_alpha / r (liera_alpha / sqrt(r) with use_rslora)")
     target_modules: Optional[Union[list[str], str]] = _same_as(
-        "target_modules", "module names or suffixes, a full regex, or 'all-linear' | 'all-conv' | 'all' (liera's rule); "
-        "None: PEFT's defaults for the model type")
+        "target_modules", "module names or suffixes, a full regex, or 'all-linear' | 'all-conv' | 'all' (liera's "
+        "rule); None: PEFT's defaults for the model type")
     exclude_modules: Optional[Union[list[str], str]] = _same_as("exclude_modules", "modules left out")
     target_parameters: Optional[list[str]] = _same_as(
         "target_parameters", "parameter tensors of order >= 2 adapted directly (e.g. 'in_proj_weight')")
@@ -141,13 +145,16 @@ class LieraConfig(PeftConfig):
     update_branch: str = _same_as("update_branch", "'merged' or 'float32'")
     layer_scaling: str = _same_as("layer_scaling", "'none' or 'rms'")
     fast_path: bool = _same_as("fast_path", "recompute the effective weight in backward instead of storing it")
+    keep_zeros: bool = _same_as("keep_zeros", "the zeros of W are intended (a pruned model): keep them exactly; "
+                                "with update='additive' the update is the masked W + D * (W != 0)")
     layers_to_transform: Optional[Union[list[int], int]] = field(
         default=None, metadata={"help": "layer indices to adapt (PEFT only)"})
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "name of the layer list for layers_to_transform (PEFT only)"})
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'liera_only' (PEFT only)"})
     adapted_layers: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraModel)"})
+        default_factory=dict,
+        metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraModel)"})
     requires: str = field(default=PEFT_IMPORT, metadata={"help": "what to import before PEFT can load this adapter"})
 
     def __post_init__(self) -> None:
@@ -163,7 +170,22 @@ class LieraConfig(PeftConfig):
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("LieraConfig: layers_to_transform works with a list of target_modules, not a regex or a "
                              "shortcut; write the indices into the regex instead.")
-        self.adapter_config()  # liera's validation, with its messages
+        try:
+            self.adapter_config()  # liera's validation, with its messages
+        except ValueError as exc:
+            raise ValueError(peft_field_names(str(exc))) from None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: PathLike, subfolder: Optional[str] = None,
+                        **kwargs: Any) -> "LieraConfig":
+        """PEFT's config reader; a config read from a local folder remembers it, so that LieraModel can check the
+        folder's tensors against the model before PEFT injects anything (PeftModel.from_pretrained and load_adapter
+        read the config first, then inject, then load the tensors)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if isinstance(config, LieraConfig) and (folder / io.CONFIG_NAME).is_file():
+            config._loaded_from = folder  # an attribute, not a field: never written to adapter_config.json
+        return config
 
     def _liera_fields(self) -> dict[str, Any]:
         data = {name: getattr(self, RENAMED.get(name, name)) for name in _LIERA_FIELDS}
@@ -194,6 +216,13 @@ class LieraConfig(PeftConfig):
     def from_liera_config(cls, config: LieRAConfig, **kwargs: Any) -> "LieraConfig":
         """The PEFT config of the adapter a LieRAConfig describes (kwargs: PEFT's own fields, e.g. task_type)."""
         return cls(**{RENAMED.get(name, name): getattr(config, name) for name in _LIERA_FIELDS}, **kwargs)
+
+
+def peft_field_names(message: str) -> str:
+    """A message of liera's LieRAConfig in LieraConfig's words: the user of the PEFT method wrote liera_alpha and
+    liera_dropout, not alpha and dropout (alpha_pattern keeps its name in both)."""
+    message = message.replace("LieRAConfig:", "LieraConfig:")
+    return re.sub(r"\b(alpha|dropout)\b", lambda m: RENAMED[m.group(1)], message)
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -245,7 +274,8 @@ class LieraLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: LieraConfig, path: str) -> None:
         """Add an adapter built by liera's build_adapter (``path``: the owning module's path, for the patterns)."""
-        generator, settings = build_adapter(config.adapter_config(), path, self.param_name, self.base_weight())
+        generator, settings = build_adapter(config.adapter_config(), path, self.param_name,
+                                            float_weight(self.get_base_layer(), self.param_name))
         self.liera_adapters.add(adapter_name, generator.train(self.training), settings)
         self.set_adapter(self.active_adapters)  # as PEFT's layers do: only active adapters require grad
 
@@ -255,7 +285,10 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with redirect(self.get_base_layer(), [self.liera_adapters], self.training):
+        base = self.get_base_layer()
+        if base is self.base_layer and quantization_of(base, self.param_name) is not None:
+            return quantized_forward(base, self.liera_adapters, self.training, *args, **kwargs)
+        with redirect(base, [self.liera_adapters], self.training):
             return self.base_layer(*args, **kwargs)
 
     # ---- merging: the group map in place, undone by the group inverse (no copy of the weight is kept)
@@ -266,16 +299,18 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         if not todo:
             return
         weight = self.base_weight()
+        check_mergeable(weight, self.param_name)
         if safe_merge:
             self.liera_adapters.check_merge(weight, todo, torch.float32, self.param_name)
         singular = self.liera_adapters.merge(weight, todo)
         if singular:
-            warnings.warn(f"merge: {singular} entries of {self.param_name} have a Taylor factor 1 + D near 0; unmerge() "
+            warnings.warn(f"merge: {singular} entries of {self.param_name} have a Taylor factor 1 + D near 0 (or, with "
+                          f"keep_zeros, became exact zeros); unmerge() "
                           f"cannot recover them (safe_merge=True refuses such merges).", stacklevel=2)
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         self.liera_adapters.unmerge(self.base_weight())
 
@@ -318,10 +353,15 @@ class LieraModel(BaseTuner):
     target_module_mapping = TARGET_MODULE_MAPPING
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        folder = getattr(config, "_loaded_from", None)
+        if folder is not None:  # PeftModel.from_pretrained / load_adapter: check the files before any layer exists
+            check_peft_folder(model, config, folder)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self.peft_config[adapter_name].adapted_layers = {
-            path: {"param": layer.param_name, "shape": list(layer.base_weight().shape)}
-            for path, layer in model.named_modules() if isinstance(layer, LieraLayer) and adapter_name in layer.liera_adapters}
+            path: {"param": layer.param_name, "shape": list(layer.liera_adapters.weight_shape)}
+            for path, layer in model.named_modules()
+            if isinstance(layer, LieraLayer) and adapter_name in layer.liera_adapters}
 
     def _prepare_adapter_config(self, peft_config: LieraConfig, model_config: dict) -> LieraConfig:
         """target_modules None: PEFT's defaults for the model type, or none when target_parameters are given (as
@@ -334,6 +374,14 @@ class LieraModel(BaseTuner):
                 raise ValueError("LieraConfig: set target_modules or target_parameters (no defaults are known for "
                                  f"model type {model_config['model_type']!r}).")
         return peft_config
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT calls this before merge_adapter and merge_and_unload touch any layer: refuse a quantized base here,
+        so that a model with float and quantized layers is not left half merged."""
+        super()._check_merge_allowed()
+        for name, module in self.model.named_modules():
+            if isinstance(module, LieraLayer):
+                check_mergeable(module.base_weight(), name)
 
     def _prepare_model(self, peft_config: LieraConfig, model: nn.Module) -> None:
         """liera's target shortcuts ("all-linear", "all-conv", "all") become the modules liera itself adapts (PEFT
@@ -414,6 +462,88 @@ def _register() -> None:
 _register()
 
 
+# ---------------------------------------------------------------------------------------------- load checks
+def _file_shapes(folder: Path) -> dict[str, tuple]:
+    """Tensor name -> shape of a PEFT folder's weights file, read from the header only (safetensors checks that
+    the header is whole and that the file covers every tensor it lists, so a truncated file fails here)."""
+    path = folder / io.WEIGHTS_NAME
+    if not path.is_file():
+        path = folder / io.WEIGHTS_NAME_PT
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(folder)!r} has {io.CONFIG_NAME} but no {io.WEIGHTS_NAME}; copy the whole "
+                                    f"folder that save_pretrained wrote. Nothing was injected: the model is unchanged.")
+    try:
+        if path.name == io.WEIGHTS_NAME:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except Exception as exc:  # safetensors and torch raise several types for truncated or corrupt files
+        raise ValueError(f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
+                         f"Save the adapter again (save_pretrained) or copy it again whole. Nothing was injected: "
+                         f"the model is unchanged.") from exc
+
+
+def _model_weight(model: nn.Module, path: str, param: str) -> Optional[Tensor]:
+    """The parameter ``param`` of the module at ``path`` (inside any LieraLayer already there), None if absent."""
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    if isinstance(module, LieraLayer):
+        module = module.get_base_layer()
+    if module._parameters.get(param) is None:
+        return None
+    return float_weight(module, param)  # a quantized layer's weight as floats: the shapes an adapter is built for
+
+
+def _generator_shapes(config: LieRAConfig, path: str, param: str, weight: Tensor) -> dict[str, tuple]:
+    """Shapes of the adapter tensors liera builds for this weight, built on the meta device (no memory, no init
+    cost); on the real weight if a generator cannot be built there."""
+    try:
+        generator, _ = build_adapter(config, path, param, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+    except Exception:
+        generator, _ = build_adapter(config, path, param, weight)
+    return {k: tuple(v.shape) for k, v in generator.state_dict().items()}
+
+
+def check_peft_folder(model: nn.Module, config: LieraConfig, folder: PathLike) -> None:
+    """Check a PEFT-native LieRA folder against ``model`` before any layer is injected: the weights file is
+    readable and whole, every adapted weight it records exists in the model with the recorded shape, and its
+    adapter tensors are those (names and shapes) liera builds for this config on this model; modules trained in
+    full must match the model's parameters. Raise naming the problem and the fix; the model is not touched."""
+    folder = Path(folder)
+    shapes = _file_shapes(folder)
+    if not config.adapted_layers or getattr(model, "_checkpoint_conversion_mapping", None):
+        return  # no record to check against, or transformers renames keys while PEFT loads them
+    unchanged = "Nothing was injected: the model is unchanged."
+    fix = (f"Load {str(folder)!r} on the base model it was trained on, with the adapter_config.json saved with it. "
+           f"{unchanged}")
+    adapter_config = config.adapter_config()
+    expected: dict[str, tuple] = {}
+    for layer, info in config.adapted_layers.items():
+        path, param = _unwrapped(layer), info["param"]
+        weight = _model_weight(model, path, param)
+        if weight is None:
+            raise ValueError(f"the adapter adapts {path}.{param}, which this model does not have. {fix}")
+        if tuple(weight.shape) != tuple(info["shape"]):
+            raise ValueError(f"the adapter was trained on a model whose {path}.{param} has shape "
+                             f"{tuple(info['shape'])}; this model's has {tuple(weight.shape)}. {fix}")
+        for name, shape in _generator_shapes(adapter_config, path, param, weight).items():
+            expected[f"{PEFT_KEY_PREFIX}{layer}.{ADAPTERS}.{name}"] = shape
+    infix = f".{ADAPTERS}."
+    params = {_unwrapped(k): p for k, p in model.named_parameters()}
+    for key, shape in shapes.items():  # modules trained in full: their file shapes against the model's
+        p = params.get(key.removeprefix(PEFT_KEY_PREFIX))
+        if infix not in key and p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"{key} has shape {shape} in the file but {tuple(p.shape)} in this model. {fix}")
+    found = {k: torch.empty(s, device="meta") for k, s in shapes.items() if infix in k}
+    try:
+        io.check_tensors(expected, found, str(folder))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (adapter_config.json says r={config.r}, generator={config.generator!r}: a config "
+                         f"edited after saving, or files from two adapters, do not fit.) {unchanged}") from None
+
+
 # ---------------------------------------------------------------------------------------------- file conversion
 def _layer_paths(weight_keys: Sequence[str]) -> dict[str, str]:
     """Adapted weight key -> path of its LieraLayer in PEFT's model, given the keys in build order: PEFT nests one
@@ -461,7 +591,8 @@ def _read_peft(directory: PathLike) -> tuple[LieraConfig, dict[str, Tensor]]:
     directory = Path(directory)
     config_path = directory / io.CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no {io.CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote.")
+        raise FileNotFoundError(f"{str(directory)!r} has no {io.CONFIG_NAME}; pass the folder PEFT's save_pretrained "
+                                f"wrote.")
     data = json.loads(config_path.read_text())
     if data.get("peft_type") != PEFT_TYPE:
         raise ValueError(f"{config_path} is a {data.get('peft_type') or data.get('library')!r} adapter, not a "
@@ -508,12 +639,14 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
         layer, found, name = body.partition(infix)
         if found and layer in by_layer:
             out[f"{by_layer[layer]}.{name}"] = t
-        elif any(name_matches(body.rsplit(".", i)[0], config.modules_to_save or []) for i in range(1, body.count(".") + 1)):
+        elif any(name_matches(body.rsplit(".", i)[0], config.modules_to_save or [])
+                 for i in range(1, body.count(".") + 1)):
             out[SAVED + body] = t
         else:
             dropped.append(key)
     if dropped:
-        warnings.warn(f"peft_to_liera: left out {len(dropped)} tensors liera's format does not keep (e.g. {dropped[:3]}).",
-                      stacklevel=2)
+        warnings.warn(f"peft_to_liera: left out {len(dropped)} tensors liera's format does not keep "
+                      f"(e.g. {dropped[:3]}).", stacklevel=2)
     io.save_adapter_files(out_dir, config.to_liera_config(), out,
-                          weight_shapes={by_layer[layer]: tuple(info["shape"]) for layer, info in config.adapted_layers.items()})
+                          weight_shapes={by_layer[layer]: tuple(info["shape"])
+                                         for layer, info in config.adapted_layers.items()})

@@ -1,4 +1,5 @@
-"""Adapters without the model's code: merge into a safetensors state dict, and inspect an adapter.
+"""Adapters without the model's code: merge into a safetensors state dict, inspect an adapter, and report the
+sparsity (zeros, N:M validity) of a safetensors file.
 
 The LieRA update is elementwise, so a weight's key and shape are all a merge needs. ``merge_file``
 streams: it writes the output's header from the base file's header, then one tensor at a time, so
@@ -15,6 +16,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 
 from .. import io
+from ..sparsity import NM_PATTERNS, LayerSparsity, layer_sparsity, sparsity_report
 from ..targeting import MODULES_TO_SAVE
 from ..weight import AdaptedWeight, build_adapter
 
@@ -164,7 +166,7 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
                 else:
                     stats["copied"] += 1
                 dst.write(raw)
-            for k, t in added.items():
+            for t in added.values():
                 dst.write(_raw_bytes(t))
 
     io.atomic_write(out, write)
@@ -196,3 +198,53 @@ def inspect_adapter(adapter_dir: PathLike) -> str:
               "| weight | shape | params | max abs D | mean abs D | Taylor vs exact, max rel. error |",
               "| --- | --- | ---: | ---: | ---: | ---: |"] + rows
     return "\n".join(lines)
+
+
+def is_weights_file(path: PathLike) -> bool:
+    """Whether ``path`` is a model's weights (a .safetensors file, or a folder of them) rather than a liera adapter
+    folder or one of its files (which hold adapter_config.json beside them)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if (folder / io.CONFIG_NAME).is_file():
+        return False
+    return path.suffix == ".safetensors" if path.is_file() else path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return files
+    raise FileNotFoundError(f"{str(path)!r} is neither a liera adapter folder nor a .safetensors file (or a folder "
+                            f"holding some); pass an adapter folder, a model's .safetensors state dict or its folder.")
+
+
+def file_sparsity(path: PathLike, patterns=NM_PATTERNS) -> list[LayerSparsity]:
+    """Zeros and N:M validity (along dim 1, the input axis of Linear and conv weights) of every floating tensor of
+    order >= 2 in a safetensors file or a folder of them, read one tensor at a time."""
+    rows = []
+    for file in _tensor_files(Path(path)):
+        header, data_start = _read_header(file)
+        header.pop("__metadata__", None)
+        with open(file, "rb") as fh:
+            for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+                info = header[key]
+                dtype = _DTYPES.get(info["dtype"])
+                if dtype is None or not dtype.is_floating_point or len(info["shape"]) < 2:
+                    continue
+                start, end = info["data_offsets"]
+                fh.seek(data_start + start)
+                raw = fh.read(end - start)
+                weight = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(info["shape"]) if raw else \
+                    torch.empty(info["shape"], dtype=dtype)
+                rows.append(layer_sparsity(key, weight, patterns))
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no floating-point tensor of order >= 2 (no weight to report on).")
+    return rows
+
+
+def inspect_sparsity(path: PathLike, patterns=NM_PATTERNS) -> str:
+    """A readable per-tensor sparsity report of a safetensors state dict (``liera inspect model.safetensors``)."""
+    return sparsity_report(file_sparsity(path, patterns), f"sparsity of {path}")

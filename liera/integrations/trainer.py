@@ -11,7 +11,6 @@ only they reach the optimizer. Two small pieces make the *files* right as well:
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from .. import io
 from ..model import LieRAModel
@@ -26,11 +25,13 @@ def _unwrap(model):
 try:
     from transformers import Trainer, TrainerCallback
     from transformers.utils import find_labels
-except ImportError:  # transformers is optional
-    Trainer = TrainerCallback = None
+
+    HAVE_TRANSFORMERS = True
+except ImportError:  # transformers is optional: then this module defines no classes
+    HAVE_TRANSFORMERS = False
 
 
-if Trainer is not None:
+if HAVE_TRANSFORMERS:
 
     class LieRATrainer(Trainer):
         """transformers.Trainer that saves and loads liera adapter files (and reads label names from the base
@@ -42,11 +43,12 @@ if Trainer is not None:
             if isinstance(base, LieRAModel) and not self.args.label_names:
                 self.label_names = find_labels(type(base.base_model))
 
-        def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             model = _unwrap(self.model)
             if not isinstance(model, LieRAModel):
                 return super()._save(output_dir, state_dict)
             output_dir = output_dir or self.args.output_dir
+            assert output_dir is not None  # TrainingArguments always has an output_dir
             model.save_pretrained(output_dir, is_main_process=self.args.should_save)
             if self.args.should_save and self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)

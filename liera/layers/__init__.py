@@ -1,20 +1,22 @@
 """Layer kinds liera targets by module type. A new kind is one file with a ``KIND`` added here."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 from torch import nn
 
-from .base import LayerKind, WeightOp
-from . import conv, embedding, gpt2_conv1d, linear
+from . import bnb, conv, embedding, gpt2_conv1d, linear
+from .base import Binder, LayerKind, QuantizedWeight, WeightLayout, WeightOp
 
-LAYER_KINDS: list[LayerKind] = [linear.KIND, gpt2_conv1d.KIND, conv.KIND, embedding.KIND]
+# bnb before linear: its layers subclass nn.Linear
+LAYER_KINDS: list[LayerKind] = [bnb.KIND, linear.KIND, gpt2_conv1d.KIND, conv.KIND, embedding.KIND]
 
 # torch function -> binder, over all kinds (a call is bound only when the adapted weight sits in its weight slot)
-BINDERS = {func: binder for kind in LAYER_KINDS for func, binder in kind.binders.items()}
+BINDERS: dict[Any, Binder] = {func: binder for kind in LAYER_KINDS for func, binder in kind.binders.items()}
 
 
-def kind_of(module: nn.Module) -> Optional[LayerKind]:
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The first kind whose ``matches`` accepts the module; None when liera has no kind for it."""
     for kind in LAYER_KINDS:
         if kind.matches(module):
             return kind
@@ -22,7 +24,9 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
 
 
 def supported_kinds_text() -> str:
+    """The kinds' names, for error messages."""
     return ", ".join(kind.name for kind in LAYER_KINDS)
 
 
-__all__ = ["LayerKind", "WeightOp", "LAYER_KINDS", "BINDERS", "kind_of", "supported_kinds_text"]
+__all__ = ["LayerKind", "QuantizedWeight", "WeightLayout", "WeightOp", "LAYER_KINDS", "BINDERS", "kind_of",
+           "supported_kinds_text"]

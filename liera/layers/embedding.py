@@ -1,10 +1,12 @@
 """nn.Embedding: only the looked-up rows are updated (cost tokens x dim x r, not vocabulary x dim x r)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import nn
+from typing import Any
 
-from .base import LayerKind, bind_arguments
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LayerKind, WeightLayout, bind_arguments
 
 
 class EmbeddingRows:
@@ -12,11 +14,11 @@ class EmbeddingRows:
 
     gathers_rows = True
 
-    def __init__(self, index):
+    def __init__(self, index: Tensor) -> None:
         self.index = index
 
 
-def _bind_embedding(args, kwargs, weight):
+def _bind_embedding(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> EmbeddingRows | None:
     a = bind_arguments(("input", "weight", "padding_idx", "max_norm"), args, kwargs,
                        {"padding_idx": None, "max_norm": None})
     if a["weight"] is not weight or a["max_norm"] is not None:
@@ -24,4 +26,6 @@ def _bind_embedding(args, kwargs, weight):
     return EmbeddingRows(a["input"])
 
 
-KIND = LayerKind("Embedding", "embedding", lambda m: isinstance(m, nn.Embedding), {F.embedding: _bind_embedding})
+KIND = LayerKind("Embedding", "embedding", lambda m: isinstance(m, nn.Embedding),
+                 {F.embedding: _bind_embedding},  # type: ignore[dict-item]  # a row gather, not a WeightOp
+                 layout=WeightLayout.TABLE)

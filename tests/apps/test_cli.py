@@ -1,4 +1,6 @@
 """The `liera` command line: exit codes, messages on stderr, and what each command prints."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -94,15 +96,76 @@ def test_merge_shape_mismatch_says_what_to_do(saved, capsys):
     assert "pass the base weights of that model" in capsys.readouterr().err
 
 
-def test_threads_for_a_long_job_leave_busy_cores_alone(monkeypatch, capsys):
+def _proc_stat(cpu0: tuple[int, int], cpu1: tuple[int, int]) -> str:
+    """A /proc/stat text whose two CPUs have spent (busy, idle) ticks (busy as user time)."""
+    rows = [f"cpu{i} {b} 0 0 {i_} 0 0 0 0 0 0" for i, (b, i_) in enumerate((cpu0, cpu1))]
+    total = f"cpu  {cpu0[0] + cpu1[0]} 0 0 {cpu0[1] + cpu1[1]} 0 0 0 0 0 0"
+    return "\n".join([total, *rows, "intr 0", ""])
+
+
+@pytest.fixture
+def fake_cpus(tmp_path, monkeypatch):
+    """/proc/stat read twice by pick_threads: the test sets what the CPUs did during the window."""
     from liera.apps import training
 
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(training, "PROC_STAT", stat)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
+
+    def watch(during: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        stat.write_text(_proc_stat((5000, 5000), (5000, 5000)))  # since boot: busy half the time
+        after = _proc_stat(*((5000 + b, 5000 + i) for b, i in during))
+        monkeypatch.setattr(training.time, "sleep", lambda s: stat.write_text(after))
+    return training, watch
+
+
+def test_threads_look_at_what_runs_now_not_at_the_load_average(fake_cpus, monkeypatch, capsys):
+    training, watch = fake_cpus
+    # a job just ended: the 1-minute load average still says 1.2, but both cores sat idle during the window
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    watch(((1, 24), (0, 25)))
+    assert training.pick_threads() == 2 and capsys.readouterr().out == ""
+    # another process keeps one core busy now, while the load average has not caught up yet
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    watch(((25, 0), (1, 24)))
+    assert training.pick_threads() == 1 and "--threads N" in capsys.readouterr().out
+    watch(((25, 0), (25, 0)))
+    assert training.pick_threads() == 1  # at least one
+    assert training.pick_threads(3) == 3
+
+
+def test_threads_fall_back_to_the_load_average_without_proc_stat(tmp_path, monkeypatch, capsys):
+    from liera.apps import training
+
+    monkeypatch.setattr(training, "PROC_STAT", tmp_path / "absent")
     monkeypatch.setattr(training.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(training.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
-    assert training.pick_threads() == 1 and "--threads N" in capsys.readouterr().out
+    assert training.pick_threads() == 1 and "over the last minute" in capsys.readouterr().out
     monkeypatch.setattr(training.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert training.pick_threads() == 2
-    assert training.pick_threads(3) == 3
+
+
+def test_busy_cores_reads_this_machine():
+    from liera.apps import training
+
+    if training.cpu_times() is None:
+        pytest.skip("no /proc/stat on this platform")
+    busy = training.busy_cores(0.05)
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+@pytest.mark.parametrize("to", ["peft", "liera"])
+def test_convert_refuses_to_write_over_its_input(saved, capsys, monkeypatch, to):
+    tmp_path, _, _ = saved
+    pytest.importorskip("peft")
+    folder = tmp_path / "ad"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    for source, out in (("ad", "ad"), (str(folder), "./ad/"), (str(folder / "adapter_config.json"), "ad")):
+        assert cli.main(["convert", source, "--to", to, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert "never overwrites its input" in err and f"--out ad-{to}" in err
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
 
 
 def test_convert_round_trip_keeps_the_outputs(saved, capsys):
@@ -116,3 +179,25 @@ def test_convert_round_trip_keeps_the_outputs(saved, capsys):
     again = liera.LieRAModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path / "back")
     with torch.no_grad():
         torch.testing.assert_close(again(x), lm(x), rtol=0, atol=0)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys):
+    """A RuntimeError from inside torch is a bug, not the user's error: it propagates (a traceback, exit 1)."""
+    def broken(args):
+        return int((torch.zeros(2, 3) @ torch.zeros(2, 3)).sum())  # a shape bug: torch raises RuntimeError
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        cli.main(["inspect", str(tmp_path)])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    from liera.apps.errors import UserError
+
+    def needs_a_package(args):
+        raise UserError("this needs the package gguf: pip install gguf")
+
+    monkeypatch.setattr(cli, "_inspect", needs_a_package)
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "liera inspect: error: this needs the package gguf: pip install gguf\n"

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 import liera
-from zoo import cases, get_weight, perturb
+from zoo import DEVICES, cases, perturb
 
 GENERATORS = ["lora", "dora", "pissa", "milora", "loha", "lokr", "tucker"]
 MAPS = ["taylor", "exact"]
@@ -23,12 +23,12 @@ DTYPES = [torch.bfloat16, torch.float16]
 CASES = cases()
 
 
-def adapted_pair(case, generator, exp_map, **kw):
+def adapted_pair(case, generator, exp_map, device="cpu", **kw):
     """The same perturbed adapter on the fast path and on the generic path, and the unadapted model."""
     out = []
     for fast in (True, False):
         torch.manual_seed(0)
-        model = case.make()
+        model = case.make().to(device)
         base = copy.deepcopy(model)
         cfg = liera.LieRAConfig(r=2, alpha=2.0, exp_map=exp_map, generator=generator, fast_path=fast, **case.targets, **kw)
         lm = liera.get_liera_model(model, cfg)
@@ -44,7 +44,7 @@ def trainable(lm):
 def run(lm, x, dtype):
     for p in trainable(lm):
         p.grad = None
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(x.device.type, dtype=dtype):
         y = lm(x)
     y.float().square().mean().backward()
     return y, [p.grad for p in trainable(lm)]
@@ -55,14 +55,15 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("exp_map", MAPS)
 @pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_autocast_matches_generic_path(case, generator, exp_map, dtype):
-    fast, generic, base = adapted_pair(case, generator, exp_map)
-    x = case.make_input()
-    with torch.autocast("cpu", dtype=dtype):
+def test_autocast_matches_generic_path(case, generator, exp_map, dtype, device):
+    fast, generic, base = adapted_pair(case, generator, exp_map, device)
+    x = case.make_input().to(device)
+    with torch.autocast(device, dtype=dtype):
         plain = base(x)
     y, grads = run(fast, x, dtype)
     y_ref, grads_ref = run(generic, x, dtype)
@@ -76,12 +77,13 @@ def test_autocast_matches_generic_path(case, generator, exp_map, dtype):
         assert rel_err(g, g_ref) < 5 * tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("linear", "conv2d_depthwise", "conv_transpose2d",
                                                                   "gpt2_conv1d")], ids=lambda c: c.name)
-def test_autocast_gradients_close_to_float32(case, dtype):
-    fast, _, _ = adapted_pair(case, "lora", "taylor")
-    x = case.make_input()
+def test_autocast_gradients_close_to_float32(case, dtype, device):
+    fast, _, _ = adapted_pair(case, "lora", "taylor", device)
+    x = case.make_input().to(device)
     _, low = run(fast, x, dtype)
     for p in trainable(fast):
         p.grad = None
@@ -90,10 +92,11 @@ def test_autocast_gradients_close_to_float32(case, dtype):
         assert rel_err(g, p.grad) < (5e-2 if dtype == torch.bfloat16 else 1e-2)
 
 
-def test_small_update_survives_the_cast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_update_survives_the_cast(device):
     """|D| ~ 1e-4 < 2^-8: 1 + D rounds to 1 in bf16, but W + W*D formed in float32 and cast once does not."""
     torch.manual_seed(0)
-    layer = nn.Linear(64, 32)
+    layer = nn.Linear(64, 32).to(device)
     base = copy.deepcopy(layer)
     lm = liera.get_liera_model(nn.Sequential(layer), liera.LieRAConfig(r=4, alpha=4.0, target_modules=["0"]))
     gen = next(a for _, _, a in lm.adapted_weights())["default"]
@@ -103,8 +106,8 @@ def test_small_update_survives_the_cast():
     d = gen.delta().detach()
     assert d.abs().max() < 2 ** -8
     w = base.weight.detach()
-    x = torch.randn(16, 64, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(16, 64, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = lm(x)
     expected = F.linear(x.detach().bfloat16(), (w + w * d).bfloat16(), base.bias.detach().bfloat16())
     lossy = F.linear(x.detach().bfloat16(), (w.bfloat16() * (1 + d.bfloat16())), base.bias.detach().bfloat16())
@@ -152,18 +155,19 @@ def test_bf16_weights_with_float32_adapters_under_autocast():
     assert y2.dtype == torch.bfloat16
 
 
-def test_fp16_training_with_grad_scaler():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_training_with_grad_scaler(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).to(device)
     lm = liera.get_liera_model(model, liera.LieRAConfig(r=4, alpha=8, target_modules=["0", "3"], exp_map="exact",
                                                         layer_scaling="rms"))
     opt = torch.optim.AdamW(trainable(lm), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
+    x, y = torch.randn(16, 3, 8, 8, device=device), torch.randint(0, 4, (16,), device=device)
     losses = []
     for _ in range(15):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device, dtype=torch.float16):
             loss = F.cross_entropy(lm(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)

@@ -18,8 +18,9 @@ import liera
 ROOT = Path(liera.__file__).parent
 DOCS = ROOT.parent / "docs" / "layout.md"
 # the core, in dependency order: a module may import only modules before it (a package counts as one entry)
-CORE_ORDER = ["liera.version", "liera.group", "liera.names", "liera.generators", "liera.config", "liera.layers",
-              "liera.autograd", "liera.weight", "liera.targeting", "liera.io", "liera.model", "liera"]
+CORE_ORDER = ["liera.version", "liera.group", "liera.sparsity", "liera.names", "liera.generators", "liera.config",
+              "liera.layers", "liera.autograd", "liera.weight", "liera.targeting", "liera.saved", "liera.io",
+              "liera.model", "liera"]
 LAYERS = {"core": 0, "integrations": 1, "apps": 2}
 
 
@@ -136,4 +137,4 @@ def test_public_imports_keep_working():
     from liera.integrations import LieRASaveCallback, LieRATrainer, export_peft  # noqa: F401
 
     assert liera.export_peft is export_peft and callable(liera.import_peft)
-    assert callable(liera.find_targets) and callable(liera.LieRAModel.delta_weights)
+    assert callable(liera.find_targets) and callable(liera.LieRAModel.weight_changes)

@@ -341,6 +341,63 @@ def test_modules_to_save_are_trained_and_saved(tmp_path):
     torch.testing.assert_close(again(x), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("also_adapted", [False, True])
+def test_modules_to_save_train_a_copy_so_disabling_gives_the_base_back(tmp_path, also_adapted):
+    """As in PEFT: the adapter trains its own copy of a module in modules_to_save; the original stays the base's."""
+    base = fresh_mlp()
+    reference = copy.deepcopy(base)
+    targets = ["0", "2"] if also_adapted else ["0"]
+    lm = liera.get_liera_model(base, liera.LieRAConfig(r=2, target_modules=targets, modules_to_save=["2"]))
+    x = torch.randn(5, 6)
+    opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        lm(x).pow(2).sum().backward()
+        opt.step()
+    expected = reference(x)
+    with lm.disable_adapter():
+        torch.testing.assert_close(lm(x), expected, rtol=0, atol=0)
+        assert not base[2].weight.requires_grad
+    trained = lm(x).detach()
+    assert not torch.allclose(trained, expected)
+    assert base[2].weight.requires_grad
+    sd = lm.get_adapter_state_dict()
+    assert {k for k in sd if k.startswith("modules_to_save.")} == {"modules_to_save.2.weight", "modules_to_save.2.bias"}
+    lm.save_pretrained(tmp_path)
+    again = liera.LieRAModel.from_pretrained(fresh_mlp(), tmp_path)
+    torch.testing.assert_close(again(x), trained, rtol=0, atol=0)
+    with again.disable_adapter():
+        torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+    plain = again.merge_and_unload()
+    torch.testing.assert_close(plain(x), trained, rtol=1e-6, atol=1e-6)
+    assert not any("liera_" in k for k in plain.state_dict())
+
+
+def test_modules_to_save_copies_follow_the_active_adapter():
+    base = fresh_mlp()
+    reference = copy.deepcopy(base)
+    lm = liera.get_liera_model(base, liera.LieRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    lm.add_adapter("other", liera.LieRAConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    lm.add_adapter("plain", liera.LieRAConfig(r=2, target_modules=["0"]))
+    with torch.no_grad():
+        base[2].bias.add_(1.0)  # the default adapter's copy
+    x = torch.randn(3, 6)
+    out_default = lm(x).detach()
+    lm.set_adapter("other")
+    torch.testing.assert_close(lm(x), reference(x), rtol=0, atol=0)  # a fresh copy of the original
+    assert not lm.get_adapter_state_dict("default")["modules_to_save.2.bias"].requires_grad
+    lm.set_adapter("plain")
+    torch.testing.assert_close(lm(x), reference(x), rtol=0, atol=0)  # no copy of "2": the original
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\] each train their own copy"):
+        lm.set_adapter(["default", "other"])
+    assert lm.active_adapters == ["plain"]
+    lm.set_adapter("default")
+    torch.testing.assert_close(lm(x), out_default, rtol=0, atol=0)
+    lm.delete_adapter("default")
+    torch.testing.assert_close(base(x), reference(x), rtol=0, atol=0)  # its copy went out with it
+    assert lm.unload() is base and not any("liera_" in k for k in base.state_dict())
+
+
 # ---------------------------------------------------------------- low precision
 
 
@@ -394,3 +451,22 @@ def test_module_both_adapted_and_saved_keeps_tensors_apart(tmp_path):
     assert not any(k.startswith("modules_to_save.") and "liera_" in k for k in keys)
     assert not model[2].liera_weight["other"].lora_A.requires_grad, "an inactive adapter must stay frozen"
     lm.save_pretrained(tmp_path)
+
+
+def test_weight_changes_is_w_eff_minus_w_and_delta_weights_is_its_deprecated_name():
+    base = fresh_mlp()
+    lm = liera.get_liera_model(base, liera.LieRAConfig(r=2, target_modules=["0", "2"], init_weights=False))
+    x = torch.randn(3, 6)
+    changes = lm.weight_changes()
+    plain = fresh_mlp()  # the same base weights, without liera
+    with lm.disable_adapter():
+        reference = lm(x)
+    assert set(changes) == {"0.weight", "2.weight"} and all(c.abs().sum() > 0 for c in changes.values())
+    with torch.no_grad():
+        for key, change in changes.items():
+            plain.get_parameter(key).add_(change)
+    torch.testing.assert_close(plain(x), lm(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lm(x), reference)
+    with pytest.warns(DeprecationWarning, match=r"delta_weights\(\) is deprecated: it is weight_changes\(\)"):
+        old = lm.delta_weights()
+    assert all(torch.equal(old[k], v) for k, v in changes.items())

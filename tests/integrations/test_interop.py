@@ -76,6 +76,53 @@ def test_export_refuses_what_hira_cannot_express(tmp_path, config, reason):
         liera.export_peft(lm, tmp_path)
 
 
+@pytest.mark.parametrize("generator", sorted(liera.GENERATORS))
+def test_every_generator_through_export(tmp_path, generator):
+    """Each registered generator either exports (one plain B @ A, no transform) or is refused by name and reason
+    before anything is read or written (lokr once failed with "'tuple' object is not callable")."""
+    lm = liera.get_liera_model(make(), liera.LieRAConfig(r=2, target_modules=["fc", "conv"], generator=generator))
+    cls = liera.GENERATORS[generator]
+    out = tmp_path / "hira"
+    if cls.single_product and not cls.transforms_weight():
+        liera.export_peft(lm, out)
+        assert (out / "adapter_model.safetensors").is_file()
+        return
+    with pytest.raises(ValueError, match=f"no exact PEFT HiRA equivalent: .*generator={generator!r} \\(.+\\)"):
+        liera.export_peft(lm, out)
+    assert not out.exists()
+
+
+def test_lokr_keeps_the_factors_method():
+    from liera.generators.lokr import LoKrGenerator
+
+    gen = LoKrGenerator(torch.randn(6, 8), r=2, alpha=2)
+    assert gen.split_dims == (2, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match="'lokr' has no single low-rank product"):
+        gen.factors()
+
+
+class Scaled(nn.Module):
+    """A made-up linear-like module liera gets a layer kind for without a declared weight layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * 2
+
+
+def test_export_refuses_a_layer_kind_without_a_layout(tmp_path, monkeypatch):
+    from liera import layers
+
+    kind = layers.LayerKind("Scaled", "linear", lambda m: isinstance(m, Scaled))
+    monkeypatch.setattr(layers, "LAYER_KINDS", [*layers.LAYER_KINDS, kind])
+    lm = liera.get_liera_model(nn.Sequential(Scaled()), liera.LieRAConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match="0.weight is a Scaled, whose LayerKind declares no weight layout"):
+        liera.export_peft(lm, tmp_path / "hira")
+    assert not (tmp_path / "hira").exists()
+
+
 def test_export_refuses_grouped_conv_and_target_parameters(tmp_path):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.MultiheadAttention(4, 1))
     lm = liera.get_liera_model(model, liera.LieRAConfig(target_modules=["0"], target_parameters=["in_proj_weight"]))

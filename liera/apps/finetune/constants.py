@@ -19,5 +19,6 @@ DEFAULTS: dict[str, Any] = {
     "data": None, "model": None, "out": "liera-finetune", "method": "liera-rms", "r": 8, "alpha": None,
     "exp_map": None, "generator": "lora", "target_modules": None, "head": None, "epochs": 5, "lr": None,
     "batch_size": 32, "seed": 0, "resolution": None, "max_length": 128, "text_column": "text",
-    "label_column": "label", "threads": None, "progress": True,
+    "label_column": "label", "threads": None, "progress": True, "train_examples": None, "max_steps": None,
+    "prune": None, "precision": None, "quantize": None,
 }

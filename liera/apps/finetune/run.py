@@ -18,6 +18,7 @@ from ...generators import get_generator
 from ...version import __version__
 from .. import training
 from ..data import to_model_input
+from ..lm import PRECISIONS, QUANTIZATIONS
 from ..memory import TensorMemory
 from ..methods import Method, get_method, names
 from .causal import run_causal_lm
@@ -25,6 +26,7 @@ from .constants import BUILTIN_DATA, IMAGE_CACHE_BYTES, LM_DATA
 from .distributed import join_process_group, leave_process_group
 from .models import load_model, logits_of, resolution_hint
 from .options import coerce
+from .pruning import check_prune, deployed, prune_classifier
 from .outputs import RESULTS, FinetuneResult, keep_interrupted, save_trained, write_results
 from .sources import check_task, load_data
 from .targets import default_targets, find_head, parse_targets, resolve_targets
@@ -36,7 +38,9 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
                  head: Optional[str] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
                  seed: int = 0, resolution: Optional[int] = None, max_length: int = 128,
                  text_column: str = "text", label_column: str = "label", threads: Optional[int] = None,
-                 progress: bool = True) -> FinetuneResult:
+                 progress: bool = True, train_examples: Optional[int] = None,
+                 max_steps: Optional[int] = None, prune: Optional[str] = None, precision: Optional[str] = None,
+                 quantize: Optional[str] = None) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` with ``method``; write the adapter and results.json to ``out``.
 
     See the package docstring for the accepted data and models. Raises ValueError / FileNotFoundError /
@@ -46,7 +50,9 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
     opts = coerce(dict(data=data, model=model, out=str(out), method=method, r=r, alpha=alpha, exp_map=exp_map,
                        generator=generator, target_modules=target_modules, head=head, epochs=epochs, lr=lr,
                        batch_size=batch_size, seed=seed, resolution=resolution, max_length=max_length,
-                       text_column=text_column, label_column=label_column, threads=threads, progress=progress))
+                       text_column=text_column, label_column=label_column, threads=threads, progress=progress,
+                       train_examples=train_examples, max_steps=max_steps, prune=prune, precision=precision,
+                       quantize=quantize))
     # ---------------------------------------------------------------- checks that need nothing loaded
     if not opts["data"]:
         raise ValueError(f"no data given: pass --data (an image folder, .npz, .csv or .jsonl, or "
@@ -56,13 +62,22 @@ def run_finetune(data: Optional[str] = None, model: Optional[str] = None, out: U
         raise ValueError(f"--exp-map applies to the LieRA methods only, not --method {chosen.name}; use --method "
                          f"{', '.join(names(multiplicative=True))}.")
     chosen = chosen.with_exp_map(opts["exp_map"])  # liera-taylor <-> liera-exact; liera-rms keeps its scaling
+    check_prune(opts["prune"], chosen)  # a bad spec, or a method that would fill the zeros: refused here
     for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2), ("resolution", 8),
-                      ("threads", 1)):
+                      ("threads", 1), ("train_examples", 1), ("max_steps", 1)):
         if opts[name] is not None and opts[name] < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {opts[name]}.")
     for name in ("lr", "alpha"):
         if opts[name] is not None and not (math.isfinite(opts[name]) and opts[name] > 0):
             raise ValueError(f"--{name} must be a positive number, got {opts[name]}.")
+    lm_only = [f"--{n.replace('_', '-')}" for n in ("train_examples", "max_steps", "precision", "quantize")
+               if opts[n] is not None]
+    for name, allowed in (("precision", PRECISIONS), ("quantize", QUANTIZATIONS)):
+        if opts[name] is not None and opts[name] not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {opts[name]!r}.")
+    if lm_only and opts["data"] not in LM_DATA:
+        raise ValueError(f"{' and '.join(lm_only)} apply to the language-model tasks ({', '.join(LM_DATA)}); for "
+                         f"your own data, pass a smaller file or fewer --epochs.")
     get_generator(opts["generator"])  # unknown generator: ValueError listing the known ones
     out = Path(opts["out"])
     if out.exists() and not out.is_dir():
@@ -144,6 +159,10 @@ def prepare_inputs(opts: dict[str, Any], method: Method) -> Inputs:
                 batch = {k: v[:, :length] for k, v in batch.items()}
             return logits_of(model(**batch))
 
+    pruned = None
+    if opts["prune"]:  # the adapter's targets, pruned before it is built (Wanda calibrates on training examples)
+        pruned = prune_classifier(base, check_prune(opts["prune"], method), targets, head,
+                                  lambda mdl, idx: call(mdl, idx, "train"), len(y_train))
     with torch.no_grad():  # the model's output must match the classes before anything trains
         base.eval()
         probe = call(base, torch.arange(min(2, len(y_train))), "train")
@@ -160,6 +179,8 @@ def prepare_inputs(opts: dict[str, Any], method: Method) -> Inputs:
         "train_time_s": None, "peak_memory_mb": None, "losses": [], "interrupted": False, "saved": None,
         "note": "", "liera_version": __version__,
     }
+    if pruned is not None:
+        payload["pruned"] = pruned
     print(f"liera finetune: {method.name} on {d.source} ({d.kind}s, {len(y_train)} train / {len(y_test)} test, "
           f"{task.num_classes} classes) with {m.name}; head {head!r}"
           + (f", {len(found)} layers adapted ({targets}) at r={r}, alpha={alpha:g}" if found else "")
@@ -187,7 +208,8 @@ def train_and_write(inputs: Inputs, opts: dict[str, Any], out: Path) -> Finetune
     rank = 0
     try:
         wrapped, note = training.prepare_arm(method, inputs.model, head=inputs.head, r=opts["r"], alpha=inputs.alpha,
-                                             target_modules=inputs.targets, generator=opts["generator"])
+                                             target_modules=inputs.targets, generator=opts["generator"],
+                                             keep_zeros=bool(opts["prune"]))
         payload.update(trainable_params=training.trainable_count(wrapped), note=note,
                        total_params=sum(p.numel() for p in wrapped.parameters()))
         rank, world = join_process_group()
@@ -208,6 +230,8 @@ def train_and_write(inputs: Inputs, opts: dict[str, Any], out: Path) -> Finetune
                                                          batch_size=max(64, opts["batch_size"]), forward=test_forward)
         else:
             payload["note"] = (payload["note"] + "; " if payload["note"] else "") + "no test examples: no accuracy"
+        if opts["prune"]:
+            payload["deployed"] = deployed(wrapped)  # the zeros the merged model keeps
         if rank == 0:
             payload["saved"] = save_trained(wrapped, method, out)
             write_results(out, payload)
