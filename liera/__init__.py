@@ -8,6 +8,7 @@ The names below are loaded on first use (PEP 562): ``import liera`` itself does 
 ``export_peft`` / ``import_peft`` (PEFT HiRA files) come from ``liera.integrations.hira``: the core never imports
 an integration, so they can only be found this way.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,10 +17,18 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 _EXPORTS = {
-    "LieRAConfig": ".config", "LieRAModel": ".model", "get_liera_model": ".model", "find_targets": ".targeting",
-    "Target": ".targeting", "Generator": ".generators", "register_generator": ".generators",
-    "get_generator": ".generators", "GENERATORS": ".generators", "group": ".group",
-    "export_peft": ".integrations.hira", "import_peft": ".integrations.hira",
+    "LieRAConfig": ".config",
+    "LieRAModel": ".model",
+    "get_liera_model": ".model",
+    "find_targets": ".targeting",
+    "Target": ".targeting",
+    "Generator": ".generators",
+    "register_generator": ".generators",
+    "get_generator": ".generators",
+    "GENERATORS": ".generators",
+    "group": ".group",
+    "export_peft": ".integrations.hira",
+    "import_peft": ".integrations.hira",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -14,10 +14,12 @@ dtype under ``torch.autocast``). The effective weight is then formed from float3
 op runs in ``dtype`` with autocast switched off (the cast is explicit, so backward knows it), and backward
 runs the op's two products in the same dtype, as autocast's own matmuls do.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence, Union, overload
+from collections.abc import Callable, Iterator, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -27,7 +29,7 @@ from .layers import WeightOp
 Build = Callable[[Tensor, Sequence[Tensor]], Tensor]
 
 
-def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs a matmul or convolution of ``x`` in, or None when autocast is off
     for ``x``'s device (every op a layer kind binds, linear, conv, conv_transpose and addmm, is on autocast's
     lower-precision list on CPU and CUDA)."""
@@ -38,7 +40,7 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 
 @contextlib.contextmanager
-def autocast_off(where: Union[Tensor, torch.device]) -> Iterator[None]:
+def autocast_off(where: Tensor | torch.device) -> Iterator[None]:
     """Switch autocast off for the device of ``where`` (a no-op where it is off): liera casts explicitly instead."""
     device = where.device.type if isinstance(where, Tensor) else where.type
     if torch.is_autocast_enabled(device):
@@ -49,14 +51,14 @@ def autocast_off(where: Union[Tensor, torch.device]) -> Iterator[None]:
 
 
 @overload
-def _cast(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor: ...
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor: ...
 @overload
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]: ...
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None: ...
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
 
-def run_op(op: WeightOp, x: Tensor, w: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype]) -> Tensor:
+def run_op(op: WeightOp, x: Tensor, w: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> Tensor:
     """op(x, w, bias) with all three in ``dtype`` (None: as given), autocast off."""
     with autocast_off(x):
         return op.forward(_cast(x, dtype), _cast(w, dtype), _cast(bias, dtype))
@@ -64,8 +66,16 @@ def run_op(op: WeightOp, x: Tensor, w: Tensor, bias: Optional[Tensor], dtype: Op
 
 class RecomputedWeightOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, bias: Optional[Tensor], op: WeightOp, build: Build, dtype: Optional[torch.dtype],
-                weight: Tensor, *params: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        bias: Tensor | None,
+        op: WeightOp,
+        build: Build,
+        dtype: torch.dtype | None,
+        weight: Tensor,
+        *params: Tensor,
+    ) -> Tensor:
         with torch.no_grad():
             w = build(weight, params)
         ctx.op, ctx.build, ctx.dtype = op, build, dtype
@@ -87,13 +97,13 @@ class RecomputedWeightOp(torch.autograd.Function):
         live = ctx.live
         needs = ctx.needs_input_grad
         need_x, need_bias = needs[0], needs[1]
-        targets = [t for t, need in zip(live, needs[5:]) if need]
+        targets = [t for t, need in zip(live, needs[5:], strict=False) if need]
         with torch.set_grad_enabled(bool(targets)):
             w = _cast(ctx.build(live[0], live[1:]), ctx.dtype)
         assert w is not None
         with autocast_off(x):
             gx, gw, gb = ctx.op.backward(grad.to(x.dtype), x, w.detach(), need_x, bool(targets), need_bias)
-        grads: list[Optional[Tensor]] = [None] * len(live)
+        grads: list[Tensor | None] = [None] * len(live)
         if targets:
             found = torch.autograd.grad(w, targets, gw, allow_unused=True)
             it = iter(found)
@@ -101,8 +111,15 @@ class RecomputedWeightOp(torch.autograd.Function):
         return (_cast(gx, ctx.x_dtype), _cast(gb, ctx.bias_dtype), None, None, None, *grads)
 
 
-def recomputed_op(op: WeightOp, build: Build, weight: Tensor, params: Sequence[Tensor], x: Optional[Tensor] = None,
-                  with_bias: bool = True, dtype: Optional[torch.dtype] = None) -> Tensor:
+def recomputed_op(
+    op: WeightOp,
+    build: Build,
+    weight: Tensor,
+    params: Sequence[Tensor],
+    x: Tensor | None = None,
+    with_bias: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """y = op(x, build()) with the effective weight rebuilt in backward instead of stored; the op runs in
     ``dtype`` (None: the dtype of what it is given)."""
     x = op.input if x is None else x

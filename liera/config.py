@@ -1,4 +1,5 @@
 """LieRAConfig: what to adapt and how, validated up front, with a JSON round trip."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,10 +7,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from .generators import LAYER_SCALINGS, get_generator
-from .group import TAYLOR, MULTIPLICATIVE, check_update, exp_map
+from .group import MULTIPLICATIVE, TAYLOR, check_update, exp_map
 from .names import pattern_matches, warn_user
 from .version import __version__
 
@@ -56,19 +57,19 @@ class LieRAConfig:
 
     r: int = 8
     alpha: float = 8.0
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
-    target_parameters: Optional[list[str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     exp_map: str = TAYLOR
     update: str = MULTIPLICATIVE
     generator: str = "lora"
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
     dropout: float = 0.0
     use_rslora: bool = False
-    init_weights: Union[bool, str] = True
+    init_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: Optional[list[str]] = None
+    modules_to_save: list[str] | None = None
     adapter_dtype: str = "float32"
     update_branch: str = "merged"
     layer_scaling: str = "none"
@@ -88,10 +89,15 @@ class LieRAConfig:
         """Raise ValueError naming the bad field and what would be accepted."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LieRAConfig: r must be a positive integer, got {self.r!r}; try r=8.")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
-                or self.alpha <= 0):
-            raise ValueError(f"LieRAConfig: alpha must be a positive number, got {self.alpha!r}; a common choice is "
-                             f"alpha = 2 * r.")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
+            raise ValueError(
+                f"LieRAConfig: alpha must be a positive number, got {self.alpha!r}; a common choice is alpha = 2 * r."
+            )
         try:
             exp_map(self.exp_map)
             check_update(self.update)
@@ -100,24 +106,33 @@ class LieRAConfig:
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"LieRAConfig: dropout must be in [0, 1), got {self.dropout!r}.")
         if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"LieRAConfig: adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got "
-                             f"{self.adapter_dtype!r}.")
+            raise ValueError(
+                f"LieRAConfig: adapter_dtype must be one of {list(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}."
+            )
         if self.update_branch not in UPDATE_BRANCHES:
-            raise ValueError(f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got "
-                             f"{self.update_branch!r}; 'float32' keeps small updates on a bf16/fp16 base at the cost "
-                             f"of one float32 op.")
+            raise ValueError(
+                f"LieRAConfig: update_branch must be one of {list(UPDATE_BRANCHES)}, got "
+                f"{self.update_branch!r}; 'float32' keeps small updates on a bf16/fp16 base at the cost "
+                f"of one float32 op."
+            )
         if self.layer_scaling not in LAYER_SCALINGS:
-            raise ValueError(f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got "
-                             f"{self.layer_scaling!r}; 'rms' scales each layer's D by 1 / rms(W) (one learning rate "
-                             f"for layers of any weight scale).")
+            raise ValueError(
+                f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got "
+                f"{self.layer_scaling!r}; 'rms' scales each layer's D by 1 / rms(W) (one learning rate "
+                f"for layers of any weight scale)."
+            )
         if not isinstance(self.keep_zeros, bool):
-            raise ValueError(f"LieRAConfig: keep_zeros must be True or False, got {self.keep_zeros!r}; True says the "
-                             f"zeros of the adapted weights are intended (a pruned model) and keeps them exactly.")
+            raise ValueError(
+                f"LieRAConfig: keep_zeros must be True or False, got {self.keep_zeros!r}; True says the "
+                f"zeros of the adapted weights are intended (a pruned model) and keeps them exactly."
+            )
         if self.init_weights not in (True, False, "gaussian"):
             raise ValueError(f"LieRAConfig: init_weights must be True, False or 'gaussian', got {self.init_weights!r}.")
         if self.target_modules is None and not self.target_parameters:
-            raise ValueError("LieRAConfig: nothing to adapt; set target_modules (names, a regex, or 'all-linear' / "
-                             "'all-conv' / 'all') or target_parameters.")
+            raise ValueError(
+                "LieRAConfig: nothing to adapt; set target_modules (names, a regex, or 'all-linear' / "
+                "'all-conv' / 'all') or target_parameters."
+            )
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -125,11 +140,13 @@ class LieRAConfig:
                     try:
                         re.compile(value)
                     except re.error as exc:
-                        raise ValueError(f"LieRAConfig: {name} {value!r} is not a valid regex ({exc}); pass a list "
-                                         f"of names instead.") from exc
+                        raise ValueError(
+                            f"LieRAConfig: {name} {value!r} is not a valid regex ({exc}); pass a list of names instead."
+                        ) from exc
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ValueError(f"LieRAConfig: {name} must be a list of module names, a regex string or None, got "
-                                 f"{value!r}.")
+                raise ValueError(
+                    f"LieRAConfig: {name} must be a list of module names, a regex string or None, got {value!r}."
+                )
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LieRAConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}.")
@@ -151,8 +168,11 @@ class LieRAConfig:
         """Pattern keys that match none of the given (module path, parameter name) targets, by field."""
         out = {}
         for field_name in ("rank_pattern", "alpha_pattern"):
-            keys = [k for k in getattr(self, field_name)
-                    if not any(_key_matches(k, path, param)[0] for path, param in weights)]
+            keys = [
+                k
+                for k in getattr(self, field_name)
+                if not any(_key_matches(k, path, param)[0] for path, param in weights)
+            ]
             if keys:
                 out[field_name] = keys
         return out
@@ -165,22 +185,28 @@ class LieRAConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LieRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LieRAConfig:
         data = dict(data)
         library = data.pop("library", None)
         if data.get("peft_type") == PEFT_TYPE:
-            raise ValueError(f"this is a PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r}, written by PEFT's "
-                             f"save_pretrained), not a liera adapter folder: load it with PEFT after `{PEFT_IMPORT}` "
-                             f"(then peft.PeftModel.from_pretrained(model, path)), or convert it to liera's format "
-                             f"(`liera convert PATH --to liera --out DIR`, or liera.integrations.peft.peft_to_liera).")
+            raise ValueError(
+                f"this is a PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r}, written by PEFT's "
+                f"save_pretrained), not a liera adapter folder: load it with PEFT after `{PEFT_IMPORT}` "
+                f"(then peft.PeftModel.from_pretrained(model, path)), or convert it to liera's format "
+                f"(`liera convert PATH --to liera --out DIR`, or liera.integrations.peft.peft_to_liera)."
+            )
         if library != LIBRARY:
             kind = data.get("peft_type") or library or "unknown"
-            raise ValueError(f"this adapter config belongs to {kind!r}, not liera; load it with that library "
-                             f"(or liera.import_peft for a PEFT HiRA adapter).")
+            raise ValueError(
+                f"this adapter config belongs to {kind!r}, not liera; load it with that library "
+                f"(or liera.import_peft for a PEFT HiRA adapter)."
+            )
         version = str(data.pop("liera_version", "0"))
         if version.split(".")[0] != __version__.split(".")[0]:
-            raise ValueError(f"adapter was saved by liera {version}, which is not compatible with liera {__version__} "
-                             f"(major versions differ); install liera=={version.split('.')[0]}.* to load it.")
+            raise ValueError(
+                f"adapter was saved by liera {version}, which is not compatible with liera {__version__} "
+                f"(major versions differ); install liera=={version.split('.')[0]}.* to load it."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -191,7 +217,7 @@ class LieRAConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "LieRAConfig":
+    def from_json(cls, text: str) -> LieRAConfig:
         return cls.from_dict(json.loads(text))
 
 
@@ -212,7 +238,10 @@ def _pattern_value(pattern: dict, field_name: str, path: str, param_name: str, d
         hit, old_form = _key_matches(key, path, param_name)
         if hit:
             if old_form:
-                warn_user(f"{field_name} key {key!r} names the weight ({path}.{param_name}); keys name module paths, "
-                          f"as in PEFT: use {path!r}. The weight form still works but will be removed.", FutureWarning)
+                warn_user(
+                    f"{field_name} key {key!r} names the weight ({path}.{param_name}); keys name module paths, "
+                    f"as in PEFT: use {path!r}. The weight form still works but will be removed.",
+                    FutureWarning,
+                )
             return value
     return default

@@ -20,10 +20,11 @@ W + D * (W != 0) (SQFT, masked LoRA). The mask is read from the tensor at hand, 
 the zeros of W, so unapply finds the same mask, unless an update lands a non-zero entry exactly on 0
 (``new_zeros`` finds those; a merge counts them as entries it cannot undo).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -52,9 +53,15 @@ class ExpMap:
 
 
 EXP_MAPS: dict[str, ExpMap] = {
-    TAYLOR: ExpMap(TAYLOR, lambda d: 1.0 + d, lambda d: d, lambda d: torch.reciprocal(1.0 + d),
-                   lambda ratio: ratio - 1.0, additive_algebra=False,
-                   singular=lambda d, eps: (1.0 + d).abs() < eps),
+    TAYLOR: ExpMap(
+        TAYLOR,
+        lambda d: 1.0 + d,
+        lambda d: d,
+        lambda d: torch.reciprocal(1.0 + d),
+        lambda ratio: ratio - 1.0,
+        additive_algebra=False,
+        singular=lambda d, eps: (1.0 + d).abs() < eps,
+    ),
     EXACT: ExpMap(EXACT, torch.exp, torch.expm1, lambda d: torch.exp(-d), torch.log, additive_algebra=True),
 }
 
@@ -64,8 +71,10 @@ def exp_map(name: str) -> ExpMap:
     try:
         return EXP_MAPS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown exp_map {name!r}; use one of {list(EXP_MAPS)} ({TAYLOR!r} is the paper's "
-                         f"LieRA, {EXACT!r} the exponential map).") from None
+        raise ValueError(
+            f"unknown exp_map {name!r}; use one of {list(EXP_MAPS)} ({TAYLOR!r} is the paper's "
+            f"LieRA, {EXACT!r} the exponential map)."
+        ) from None
 
 
 def check_update(update: str) -> str:
@@ -123,8 +132,9 @@ def new_zeros(weight: Tensor, out: Tensor) -> Tensor:
     return (out == 0) & (weight != 0)
 
 
-def delta_weight(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE,
-                 keep_zeros: bool = False) -> Tensor:
+def delta_weight(
+    weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE, keep_zeros: bool = False
+) -> Tensor:
     """W_eff - W, computed without forming W_eff (what a dropout branch or a merge needs). keep_zeros: exactly
     +0 where W == 0 (the masked additive update D * (W != 0), or W * (g - 1) with its zeros pinned)."""
     if check_update(update) == ADDITIVE:
@@ -147,8 +157,9 @@ def apply(weight: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE, k
     return keep_zeros_of(weight, out) if keep_zeros else out
 
 
-def unapply(weight_eff: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE,
-            keep_zeros: bool = False) -> Tensor:
+def unapply(
+    weight_eff: Tensor, terms: Sequence[Term], update: str = MULTIPLICATIVE, keep_zeros: bool = False
+) -> Tensor:
     """The group inverse action: recover W from W_eff (no stored copy of W needed). keep_zeros: the mask is that of
     W_eff, which equals W's unless the merge made new zeros (see new_zeros)."""
     if not terms:

@@ -3,6 +3,7 @@
 Every check runs before the caller touches the model; a write goes to a temporary file in the same
 directory and is renamed into place, so an interrupted save never leaves a half-written adapter.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,13 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         raise
 
 
-def save_adapter_files(directory: PathLike, config: LieRAConfig, tensors: Mapping[str, Tensor],
-                       safe_serialization: bool = True, weight_shapes: Mapping[str, tuple] | None = None) -> None:
+def save_adapter_files(
+    directory: PathLike,
+    config: LieRAConfig,
+    tensors: Mapping[str, Tensor],
+    safe_serialization: bool = True,
+    weight_shapes: Mapping[str, tuple] | None = None,
+) -> None:
     """weight_shapes (adapted weight key -> shape) goes into the file's metadata, so that tools such as
     `liera merge` and `liera inspect` can rebuild the generators without the model's code."""
     directory = Path(directory)
@@ -58,8 +64,11 @@ def save_adapter_files(directory: PathLike, config: LieRAConfig, tensors: Mappin
     directory.mkdir(parents=True, exist_ok=True)
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if safe_serialization:
-        metadata = {"format": "pt", "library": "liera",
-                    "weight_shapes": json.dumps({k: list(v) for k, v in (weight_shapes or {}).items()})}
+        metadata = {
+            "format": "pt",
+            "library": "liera",
+            "weight_shapes": json.dumps({k: list(v) for k, v in (weight_shapes or {}).items()}),
+        }
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata=metadata))
     else:
         atomic_write(directory / WEIGHTS_NAME_PT, lambda tmp: torch.save(payload, tmp))
@@ -73,8 +82,10 @@ def adapter_folder(path: PathLike) -> Path:
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_NAME_PT):
         return path.parent
     if path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is a file, not an adapter folder; pass the folder that save_pretrained "
-                                f"wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME}).")
+        raise FileNotFoundError(
+            f"{str(path)!r} is a file, not an adapter folder; pass the folder that save_pretrained "
+            f"wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME})."
+        )
     return path
 
 
@@ -82,14 +93,18 @@ def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tens
     """Read and validate an adapter folder (or a path to one of its files); raise a clear error naming what is wrong."""
     directory = adapter_folder(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist (or is not a directory); "
-                                f"pass the directory that save_pretrained wrote.")
+        raise FileNotFoundError(
+            f"adapter directory {str(directory)!r} does not exist (or is not a directory); "
+            f"pass the directory that save_pretrained wrote."
+        )
     config_path = directory / CONFIG_NAME
     weights = [p for p in (directory / WEIGHTS_NAME, directory / WEIGHTS_NAME_PT) if p.is_file()]
     missing = [n for n, ok in ((CONFIG_NAME, config_path.is_file()), (WEIGHTS_NAME, bool(weights))) if not ok]
     if missing:
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} lacks {missing}; a liera adapter needs "
-                                f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained).")
+        raise FileNotFoundError(
+            f"adapter directory {str(directory)!r} lacks {missing}; a liera adapter needs "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained)."
+        )
     try:
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -104,8 +119,10 @@ def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tens
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
-        raise ValueError(f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
-                         f"Save the adapter again.") from exc
+        raise ValueError(
+            f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
+            f"Save the adapter again."
+        ) from exc
     return config, dict(tensors)
 
 
@@ -126,7 +143,7 @@ def load_planned(plan: Sequence[tuple], saved: Mapping[str, Tensor], tensors: Ma
     check_tensors({**expected, **{k: tuple(p.shape) for k, p in saved.items()}}, tensors, where)
     for target, generator, _ in plan:
         prefix = target.key + "."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         generator.load_state_dict(own, strict=False)
     with torch.no_grad():
         for key, p in saved.items():
@@ -137,8 +154,11 @@ def check_tensors(expected: Mapping[str, tuple], tensors: Mapping[str, Tensor], 
     """Raise if tensors has missing, unexpected or misshapen entries (naming the first few)."""
     missing = [k for k in expected if k not in tensors]
     extra = [k for k in tensors if k not in expected]
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}" for k in expected
-              if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
@@ -147,5 +167,8 @@ def check_tensors(expected: Mapping[str, tuple], tensors: Mapping[str, Tensor], 
     if shapes:
         problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
     if problems:
-        raise ValueError(f"adapter tensors do not fit this model ({where}): " + "; ".join(problems) +
-                         ". Was the adapter trained on another model or with another config?")
+        raise ValueError(
+            f"adapter tensors do not fit this model ({where}): "
+            + "; ".join(problems)
+            + ". Was the adapter trained on another model or with another config?"
+        )

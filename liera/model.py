@@ -6,6 +6,7 @@ module (keys of the base state dict do not change) and two forward hooks. The Ad
 modules_to_save are trained as one copy per adapter (``saved.py``, as in PEFT), so disabling gives the base back.
 Every operation that can fail checks first and changes the model only after all checks passed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,16 +48,26 @@ class _ForwardToBase:
 class LieRAModel(nn.Module):
     """A model with LieRA adapters. Calls, attributes and ``generate`` pass through to the base model."""
 
-    def __init__(self, model: nn.Module, config: LieRAConfig, adapter_name: str = DEFAULT_ADAPTER, *,
-                 state_dict: Mapping[str, Tensor] | None = None, is_trainable: bool = True,
-                 strict: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LieRAConfig,
+        adapter_name: str = DEFAULT_ADAPTER,
+        *,
+        state_dict: Mapping[str, Tensor] | None = None,
+        is_trainable: bool = True,
+        strict: bool = False,
+    ) -> None:
         if isinstance(model, LieRAModel):
-            raise ValueError("this model is already a LieRAModel; add another adapter with "
-                             "model.add_adapter(name, config).")
+            raise ValueError(
+                "this model is already a LieRAModel; add another adapter with model.add_adapter(name, config)."
+            )
         if any(isinstance(m, AdaptedWeight) for m in model.modules()):
-            raise ValueError("this model already carries liera adapters (it was wrapped before); reuse that LieRAModel "
-                             "and "
-                             "call add_adapter(name, config), or call unload() on it first.")
+            raise ValueError(
+                "this model already carries liera adapters (it was wrapped before); reuse that LieRAModel "
+                "and "
+                "call add_adapter(name, config), or call unload() on it first."
+            )
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, LieRAConfig] = {}
@@ -94,15 +105,23 @@ class LieRAModel(nn.Module):
         or wider. Merged adapters are already in W: their update is not repeated here. (Not the generators' D:
         "delta" in liera names D, the algebra element, as in ``Generator.delta``.)"""
         names = None if adapter_names is None else self.known(adapter_names)
-        return {key: adapted.weight_change(adapted.owner_weight(owner), None if names is None else
-                                           [n for n in names if n in adapted and n not in adapted.merged], dtype)
-                for key, owner, adapted in self.adapted_weights()}
+        return {
+            key: adapted.weight_change(
+                adapted.owner_weight(owner),
+                None if names is None else [n for n in names if n in adapted and n not in adapted.merged],
+                dtype,
+            )
+            for key, owner, adapted in self.adapted_weights()
+        }
 
     def delta_weights(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """Deprecated name of ``weight_changes`` (W_eff - W), which it returns with a DeprecationWarning."""
-        warnings.warn("LieRAModel.delta_weights() is deprecated: it is weight_changes() (W_eff - W), renamed so that "
-                      "'delta' means the generators' D only. Call weight_changes() instead.", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "LieRAModel.delta_weights() is deprecated: it is weight_changes() (W_eff - W), renamed so that "
+            "'delta' means the generators' D only. Call weight_changes() instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.weight_changes(adapter_names, dtype)
 
     def sparsity(self, target_modules: str | list[str] | None = None) -> list[LayerSparsity]:
@@ -140,8 +159,15 @@ class LieRAModel(nn.Module):
         return names
 
     # ------------------------------------------------------------------ adding and choosing adapters
-    def add_adapter(self, adapter_name: str, config: LieRAConfig, *, state_dict: Mapping[str, Tensor] | None = None,
-                    is_trainable: bool = True, strict: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LieRAConfig,
+        *,
+        state_dict: Mapping[str, Tensor] | None = None,
+        is_trainable: bool = True,
+        strict: bool = False,
+    ) -> None:
         """Add an adapter (inactive unless it is the first; see set_adapter). Checks everything first.
         strict: a target_modules entry that matches no module raises instead of warning."""
         if not isinstance(config, LieRAConfig):
@@ -149,8 +175,10 @@ class LieRAModel(nn.Module):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} is not valid: use a non-empty name without '.'")
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists on this model; pick another name or "
-                             f"delete_adapter({adapter_name!r}) first.")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists on this model; pick another name or "
+                f"delete_adapter({adapter_name!r}) first."
+            )
         config.validate()
         plan = plan_adapter(self.base_model, config, strict)
         saved_at = saved_modules(self.base_model, config)  # raises for a modules_to_save entry that matches nothing
@@ -235,8 +263,13 @@ class LieRAModel(nn.Module):
             self._place_saved()
 
     # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Names = None, safe_merge: bool = False, keep_merge_copy: bool = False,
-                      dtype: torch.dtype = torch.float32) -> None:
+    def merge_adapter(
+        self,
+        adapter_names: Names = None,
+        safe_merge: bool = False,
+        keep_merge_copy: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         """W <- W * g(D) for the given adapters (default: the active ones); no copy of W is kept.
 
         safe_merge checks every layer first (non-finite values, Taylor factors 1 + D near 0 that an unmerge
@@ -247,17 +280,23 @@ class LieRAModel(nn.Module):
         already = sorted({n for _, _, a in self.adapted_weights() for n in names if n in a.merged})
         if already:
             warn_user(f"adapter(s) {already} already merged; merging again changes nothing.")
-        jobs = [(key, a.owner_weight(owner), a, todo) for key, owner, a in self.adapted_weights()
-                for todo in [a.to_merge(names)] if todo]
+        jobs = [
+            (key, a.owner_weight(owner), a, todo)
+            for key, owner, a in self.adapted_weights()
+            for todo in [a.to_merge(names)]
+            if todo
+        ]
         for key, weight, adapted, todo in jobs:  # check everything before touching anything
             check_mergeable(weight, key)
             if safe_merge:
                 adapted.check_merge(weight, todo, dtype, key)
         singular = sum(adapted.merge(weight, todo, dtype, keep_merge_copy) for _, weight, adapted, todo in jobs)
         if singular:
-            warn_user(f"merge: {singular} weight entries have a Taylor factor 1 + D near 0 (or, with keep_zeros, "
-                      f"became exact zeros); unmerge_adapter() cannot "
-                      f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True).")
+            warn_user(
+                f"merge: {singular} weight entries have a Taylor factor 1 + D near 0 (or, with keep_zeros, "
+                f"became exact zeros); unmerge_adapter() cannot "
+                f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True)."
+            )
 
     def unmerge_adapter(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> None:
         """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""
@@ -312,16 +351,23 @@ class LieRAModel(nn.Module):
             for k, tensor in current.items():  # detached views of the live tensors
                 tensor.copy_(state_dict[k])
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Names = None,
-                        safe_serialization: bool = True, is_main_process: bool = True) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_names: Names = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+    ) -> None:
         """Write adapter_config.json + adapter_model.safetensors; non-default adapters go to sub-folders.
 
         In a distributed run call it on every rank with is_main_process=(rank == 0): sharded adapter tensors are
         gathered (a collective) and only the main process writes.
         """
         for name in self.known(list(self.peft_config) if adapter_names is None else adapter_names):
-            tensors = {k: (v.full_tensor() if is_sharded(v) else v)  # every rank takes part in gathering
-                       for k, v in self.get_adapter_state_dict(name).items()}
+            tensors = {
+                k: (v.full_tensor() if is_sharded(v) else v)  # every rank takes part in gathering
+                for k, v in self.get_adapter_state_dict(name).items()
+            }
             if not is_main_process:
                 continue
             target = save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name)
@@ -329,8 +375,13 @@ class LieRAModel(nn.Module):
             io.save_adapter_files(target, self.peft_config[name], tensors, safe_serialization, weight_shapes=shapes)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False) -> LieRAModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+    ) -> LieRAModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; inference mode unless is_trainable."""
         config, tensors = io.read_adapter_files(model_id)
         wrapped = cls(model, config, adapter_name, state_dict=tensors, is_trainable=is_trainable)
@@ -344,8 +395,9 @@ class LieRAModel(nn.Module):
         self.add_adapter(adapter_name, config, state_dict=tensors, is_trainable=is_trainable)
 
 
-def get_liera_model(model: nn.Module, config: LieRAConfig, adapter_name: str = DEFAULT_ADAPTER, *,
-                    strict: bool = False) -> LieRAModel:
+def get_liera_model(
+    model: nn.Module, config: LieRAConfig, adapter_name: str = DEFAULT_ADAPTER, *, strict: bool = False
+) -> LieRAModel:
     """Adapt ``model`` in place with a LieRA adapter and return the wrapping LieRAModel. strict: a target_modules
     entry that matches no module raises instead of warning."""
     return LieRAModel(model, config, adapter_name, strict=strict)

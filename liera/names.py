@@ -9,6 +9,7 @@ patterns, and the model-free tools all match through here).
 ``warn_user`` lives here too: every warning liera gives about what a user named (targets, patterns, weights,
 merges) points at the user's line through it.
 """
+
 from __future__ import annotations
 
 import os

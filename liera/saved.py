@@ -8,6 +8,7 @@ the original otherwise. Both live in a ``SavedCopies`` child (``liera_modules_to
 state dict and the optimizer see them like any other parameter. An adapter on a weight of the same module
 (a module both adapted and saved) then acts on the copy, as it acted on the trained module before.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -23,8 +24,11 @@ _SEP = ":"  # stands for "." in a parameter path inside a ParameterDict ("0.weig
 
 def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The module's parameters (its children's included) by dotted path, liera's own adapter tensors left out."""
-    return {n: p for n, p in module.named_parameters(remove_duplicate=False)
-            if not any(part.startswith(ADAPTER_PREFIX) for part in n.split("."))}
+    return {
+        n: p
+        for n, p in module.named_parameters(remove_duplicate=False)
+        if not any(part.startswith(ADAPTER_PREFIX) for part in n.split("."))
+    }
 
 
 def _slot(module: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -126,8 +130,9 @@ def choose(holders: list[SavedCopies], active: list[str], disabled: bool) -> lis
     for holder in holders:
         mine = [n for n in active if n in holder.copies]
         if len(mine) > 1:
-            raise ValueError(f"adapters {mine} each train their own copy of the same module (modules_to_save); only "
-                             f"one of them can be active at a time. Activate them one by one.")
+            raise ValueError(
+                f"adapters {mine} each train their own copy of the same module (modules_to_save); only "
+                f"one of them can be active at a time. Activate them one by one."
+            )
         out.append(None if disabled or not mine else mine[0])
     return out
-

@@ -6,10 +6,11 @@ every M consecutive entries along the input axis (2:4 = half the entries, what s
 axis is dim 1 (nn.Linear's (out, in), a convolution's input channels, as NVIDIA's ASP groups them); GPT-2's Conv1D
 stores (in, out) and passes dim=0.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,14 +23,16 @@ def parse_nm(text: str) -> tuple[int, int]:
     try:
         n, m = (int(v) for v in text.split(":"))
     except (ValueError, AttributeError):
-        raise ValueError(f"N:M pattern {text!r} is not two integers 'N:M'; write e.g. '2:4' (at most 2 non-zeros "
-                         f"in every 4 consecutive inputs).") from None
+        raise ValueError(
+            f"N:M pattern {text!r} is not two integers 'N:M'; write e.g. '2:4' (at most 2 non-zeros "
+            f"in every 4 consecutive inputs)."
+        ) from None
     if not 0 < n < m:
         raise ValueError(f"N:M pattern {text!r} needs 0 < N < M (N non-zeros kept of every M); e.g. '2:4'.")
     return n, m
 
 
-def nm_groups(weight: Tensor, m: int, dim: int = 1) -> Optional[Tensor]:
+def nm_groups(weight: Tensor, m: int, dim: int = 1) -> Tensor | None:
     """The entries as rows of ``m`` consecutive entries along ``dim`` (shape (groups, m)); None where the tensor has
     no such axis or its length is not a multiple of m (no N:M pattern can exist there)."""
     if weight.dim() < 2 or weight.shape[dim] % m:
@@ -37,7 +40,7 @@ def nm_groups(weight: Tensor, m: int, dim: int = 1) -> Optional[Tensor]:
     return weight.movedim(dim, -1).reshape(-1, m)
 
 
-def nm_violations(weight: Tensor, n: int, m: int, dim: int = 1) -> Optional[int]:
+def nm_violations(weight: Tensor, n: int, m: int, dim: int = 1) -> int | None:
     """How many groups of m consecutive entries along ``dim`` hold more than n non-zeros (None: no such groups)."""
     groups = nm_groups(weight, m, dim)
     if groups is None:
@@ -66,15 +69,16 @@ class LayerSparsity:
     shape: tuple[int, ...]
     zeros: int
     numel: int
-    nm: dict[str, Optional[bool]] = field(default_factory=dict)
+    nm: dict[str, bool | None] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
         return self.zeros / max(self.numel, 1)
 
 
-def layer_sparsity(key: str, weight: Tensor, patterns: Sequence[tuple[int, int]] = NM_PATTERNS,
-                   dim: int = 1) -> LayerSparsity:
+def layer_sparsity(
+    key: str, weight: Tensor, patterns: Sequence[tuple[int, int]] = NM_PATTERNS, dim: int = 1
+) -> LayerSparsity:
     """The zero structure of one weight."""
     w = weight.detach()
     nm = {}
@@ -90,13 +94,20 @@ def sparsity_report(rows: Iterable[LayerSparsity], title: str = "sparsity") -> s
     zeros, total = sum(r.zeros for r in rows), sum(r.numel for r in rows)
     patterns = list(rows[0].nm) if rows else []
     mark = {True: "yes", False: "no", None: "-"}
-    lines = [f"{title}: {zeros:,d} of {total:,d} entries are zero ({100 * zeros / max(total, 1):.2f}%) in "
-             f"{len(rows)} weights"
-             + "".join(f"; {p} valid in {sum(1 for r in rows if r.nm.get(p))} of them" for p in patterns), "",
-             "| weight | shape | zeros | sparsity | " + " | ".join(patterns) + " |",
-             "| --- | --- | ---: | ---: | " + " | ".join(":---:" for _ in patterns) + " |"]
-    lines += [f"| {r.key} | {r.shape} | {r.zeros:,d} | {100 * r.fraction:.2f}% | "
-              + " | ".join(mark[r.nm[p]] for p in patterns) + " |" for r in rows]
+    lines = [
+        f"{title}: {zeros:,d} of {total:,d} entries are zero ({100 * zeros / max(total, 1):.2f}%) in "
+        f"{len(rows)} weights"
+        + "".join(f"; {p} valid in {sum(1 for r in rows if r.nm.get(p))} of them" for p in patterns),
+        "",
+        "| weight | shape | zeros | sparsity | " + " | ".join(patterns) + " |",
+        "| --- | --- | ---: | ---: | " + " | ".join(":---:" for _ in patterns) + " |",
+    ]
+    lines += [
+        f"| {r.key} | {r.shape} | {r.zeros:,d} | {100 * r.fraction:.2f}% | "
+        + " | ".join(mark[r.nm[p]] for p in patterns)
+        + " |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

@@ -1,12 +1,12 @@
 """Which tensors of a model a config touches: the weights it adapts (``find_targets``, and ``plan_adapter`` with
 the generator each one gets) and the parameters it trains in full (``saved_parameters``, modules_to_save).
 Nothing here changes the model: LieRAModel attaches a plan only after every check passed."""
+
 from __future__ import annotations
 
 import difflib
 import logging
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from torch import Tensor, nn
 
@@ -28,7 +28,7 @@ class Target:
     path: str
     owner: nn.Module
     param_name: str
-    kind: Optional[LayerKind]  # None for target_parameters on modules without a layer kind
+    kind: LayerKind | None  # None for target_parameters on modules without a layer kind
 
     @property
     def key(self) -> str:
@@ -61,7 +61,7 @@ def _named_modules(model: nn.Module):
         yield name, module
 
 
-def _output_head(model: nn.Module) -> Optional[nn.Module]:
+def _output_head(model: nn.Module) -> nn.Module | None:
     """The layer the "all-*" shortcuts leave out (as PEFT does): a transformers-style model's output
     embeddings (none for an encoder such as BertModel), else the last linear-like layer (a plain model's head)."""
     getter = getattr(model, "get_output_embeddings", None)
@@ -79,7 +79,7 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     return last
 
 
-def _shortcut_matches(shortcut: str, module: nn.Module, head: Optional[nn.Module]) -> bool:
+def _shortcut_matches(shortcut: str, module: nn.Module, head: nn.Module | None) -> bool:
     kind = kind_of(module)
     if kind is None or module is head:
         return False
@@ -112,8 +112,9 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
     for name, module in modules:
         if not name or spec is None:
             continue
-        if exclude is not None and (_shortcut_matches(exclude, module, None) if exclude in TARGET_SHORTCUTS
-                                    else name_matches(name, exclude)):
+        if exclude is not None and (
+            _shortcut_matches(exclude, module, None) if exclude in TARGET_SHORTCUTS else name_matches(name, exclude)
+        ):
             continue
         if spec in TARGET_SHORTCUTS:
             # a shortcut never adapts a module that is trained in full anyway (a classifier head, say)
@@ -128,7 +129,8 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                 f"Supported module types: {supported_kinds_text()}. To adapt one of its parameter tensors directly, "
                 f"use target_parameters=[...] (parameters here: "
                 f"{[n for n, _ in module.named_parameters(recurse=False)]}); "
-                f"to target its children, name them (for example {name!r} + '.<child>').")
+                f"to target its children, name them (for example {name!r} + '.<child>')."
+            )
         if kind.weight_name not in module._parameters or module._parameters[kind.weight_name] is None:
             continue
         targets.append(Target(name, module, kind.weight_name, kind))
@@ -143,32 +145,40 @@ def find_targets(model: nn.Module, config: LieRAConfig, strict: bool = False) ->
                     continue
                 found = True
                 if param.dim() < 2:
-                    raise ValueError(f"target parameter {full!r} has order {param.dim()} (shape {tuple(param.shape)}); "
-                                     f"LieRA adapts tensors of order >= 2. Leave it out of target_parameters "
-                                     f"(biases and norms are better trained in full via modules_to_save).")
+                    raise ValueError(
+                        f"target parameter {full!r} has order {param.dim()} (shape {tuple(param.shape)}); "
+                        f"LieRA adapts tensors of order >= 2. Leave it out of target_parameters "
+                        f"(biases and norms are better trained in full via modules_to_save)."
+                    )
                 if (id(module), pname) not in seen:
                     targets.append(Target(name, module, pname, kind_of(module)))
                     seen.add((id(module), pname))
         if not found:
             names = [f"{n}.{p}" if n else p for n, m in modules for p, _ in m.named_parameters(recurse=False)]
-            raise ValueError(f"target_parameters entry {wanted!r} matches no parameter of the model; "
-                             f"closest parameter names: {_closest([wanted], names)}.")
+            raise ValueError(
+                f"target_parameters entry {wanted!r} matches no parameter of the model; "
+                f"closest parameter names: {_closest([wanted], names)}."
+            )
 
     if targets and isinstance(spec, list):
         names = [n for n, _ in modules if n]
         unused = [w for w in spec if not any(name_matches(n, [w]) for n in names)]
         if unused:
-            message = (f"target_modules entries {unused} match no module of {type(model).__name__} (the other entries "
-                       f"adapt {len(targets)} weights); closest module names: {_closest(unused, names)}.")
+            message = (
+                f"target_modules entries {unused} match no module of {type(model).__name__} (the other entries "
+                f"adapt {len(targets)} weights); closest module names: {_closest(unused, names)}."
+            )
             if strict:
                 raise ValueError(message)
             warn_user(message + " Pass strict=True to make this an error.")
     if not targets:
         asked = spec if isinstance(spec, list) else [str(spec)]
-        raise ValueError(f"target_modules={spec!r} matches no supported module of {type(model).__name__}"
-                         f"{' after exclude_modules' if exclude else ''}. Closest module names: "
-                         f"{_closest(asked, [n for n, _ in modules if n])}. Supported module types: "
-                         f"{supported_kinds_text()}.")
+        raise ValueError(
+            f"target_modules={spec!r} matches no supported module of {type(model).__name__}"
+            f"{' after exclude_modules' if exclude else ''}. Closest module names: "
+            f"{_closest(asked, [n for n, _ in modules if n])}. Supported module types: "
+            f"{supported_kinds_text()}."
+        )
     return targets
 
 
@@ -178,8 +188,10 @@ def saved_modules(model: nn.Module, config: LieRAConfig) -> dict[str, nn.Module]
     for wanted in config.modules_to_save or []:
         hits = {n: m for n, m in _named_modules(model) if n and name_matches(n, [wanted])}  # never liera's copies
         if not hits:
-            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; closest module names: "
-                             f"{_closest([wanted], [n for n, _ in _named_modules(model) if n])}.")
+            raise ValueError(
+                f"modules_to_save entry {wanted!r} matches no module of the model; closest module names: "
+                f"{_closest([wanted], [n for n, _ in _named_modules(model) if n])}."
+            )
         found.update(hits)
     return found
 
@@ -203,9 +215,11 @@ def warn_zero_entries(targets: list[Target]) -> bool:
     layers = [f"{key} ({n})" for key, n in counts.items() if n]
     zeros = sum(counts.values())
     if zeros:
-        warn_user(f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
-                  f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
-                  f"{' ...' if len(layers) > 8 else ''}.")
+        warn_user(
+            f"liera: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly "
+            f"zero and cannot move under a multiplicative update. Layers: {', '.join(layers[:8])}"
+            f"{' ...' if len(layers) > 8 else ''}."
+        )
     return bool(zeros)
 
 
@@ -214,14 +228,18 @@ def target_sparsity(targets: list[Target]) -> list[LayerSparsity]:
     return [layer_sparsity(t.key, t.values, dim=t.input_axis) for t in targets]
 
 
-def model_sparsity(model: nn.Module, target_modules: Optional[Union[str, list[str]]] = None,
-                   exclude_modules: Optional[Union[str, list[str]]] = None) -> list[LayerSparsity]:
+def model_sparsity(
+    model: nn.Module, target_modules: str | list[str] | None = None, exclude_modules: str | list[str] | None = None
+) -> list[LayerSparsity]:
     """Zeros and N:M validity of the weights that ``target_modules`` names (None: the weight of every module of a
     kind liera knows, heads included), as they are now: after a merge, what a deployment gets."""
     if target_modules is None:
-        targets = [Target(name, module, kind.weight_name, kind) for name, module in _named_modules(model)
-                   for kind in [kind_of(module)]
-                   if kind is not None and module._parameters.get(kind.weight_name) is not None]
+        targets = [
+            Target(name, module, kind.weight_name, kind)
+            for name, module in _named_modules(model)
+            for kind in [kind_of(module)]
+            if kind is not None and module._parameters.get(kind.weight_name) is not None
+        ]
     else:
         targets = find_targets(model, LieRAConfig(target_modules=target_modules, exclude_modules=exclude_modules))
     return target_sparsity(targets)
@@ -236,22 +254,27 @@ def report_zero_entries(targets: list[Target]) -> list[LayerSparsity]:
     return rows
 
 
-def plan_adapter(model: nn.Module, config: LieRAConfig, strict: bool = False) -> list[tuple[Target, Generator,
-                                                                                      AdapterSettings]]:
+def plan_adapter(
+    model: nn.Module, config: LieRAConfig, strict: bool = False
+) -> list[tuple[Target, Generator, AdapterSettings]]:
     """(target, generator, settings) for every weight the config adapts, built but not attached."""
     targets = find_targets(model, config, strict=strict)
     for field_name, keys in config.unmatched_patterns([(t.path, t.param_name) for t in targets]).items():
-        warn_user(f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
-                  f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), as in "
-                  f"PEFT.")
+        warn_user(
+            f"{field_name} keys {keys} match none of the {len(targets)} adapted layers (e.g. "
+            f"{[t.path for t in targets[:3]]}); keys name module paths (exact, suffix or full regex), as in "
+            f"PEFT."
+        )
     plan = []
     for target in targets:
         weight = target.weight
         if is_sharded(weight):
-            raise ValueError(f"{target.key} is already sharded (a DTensor: fully_shard or tensor parallelism ran "
-                             f"before liera). Wrap first, then shard: get_liera_model(model, cfg), then "
-                             f"fully_shard(...) on the wrapped model, so that the adapter tensors are sharded and "
-                             f"their gradients reduced with the rest.")
+            raise ValueError(
+                f"{target.key} is already sharded (a DTensor: fully_shard or tensor parallelism ran "
+                f"before liera). Wrap first, then shard: get_liera_model(model, cfg), then "
+                f"fully_shard(...) on the wrapped model, so that the adapter tensors are sharded and "
+                f"their gradients reduced with the rest."
+            )
         try:
             plan.append((target, *build_adapter(config, target.path, target.param_name, target.values)))
         except ValueError as exc:

@@ -13,13 +13,15 @@ that receives W is redirected:
 
 The module's own forward always runs, so subclasses that pad or reshape in their forward stay correct.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +39,38 @@ from .layers import BINDERS, QuantizedWeight, WeightOp, kind_of
 ADAPTER_PREFIX = "liera_"
 
 # Tensor properties and methods that only read metadata: they see the base weight unchanged.
-_METADATA_PROPERTIES = {"shape", "dtype", "device", "requires_grad", "is_leaf", "ndim", "layout", "is_cuda",
-                        "is_sparse", "is_quantized", "is_meta", "names", "grad_fn", "_version", "is_mps", "is_xpu"}
-_METADATA_METHODS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
-                     Tensor.data_ptr, Tensor.element_size, Tensor.ndimension, Tensor.nelement,
-                     Tensor.is_floating_point, Tensor.get_device, Tensor.storage_offset}
+_METADATA_PROPERTIES = {
+    "shape",
+    "dtype",
+    "device",
+    "requires_grad",
+    "is_leaf",
+    "ndim",
+    "layout",
+    "is_cuda",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "names",
+    "grad_fn",
+    "_version",
+    "is_mps",
+    "is_xpu",
+}
+_METADATA_METHODS = {
+    Tensor.size,
+    Tensor.dim,
+    Tensor.numel,
+    Tensor.stride,
+    Tensor.is_contiguous,
+    Tensor.data_ptr,
+    Tensor.element_size,
+    Tensor.ndimension,
+    Tensor.nelement,
+    Tensor.is_floating_point,
+    Tensor.get_device,
+    Tensor.storage_offset,
+}
 
 
 @dataclass
@@ -56,9 +85,15 @@ class AdapterSettings:
     keep_zeros: bool = False
 
     @classmethod
-    def from_config(cls, config: LieRAConfig) -> "AdapterSettings":
-        return cls(config.exp_map, config.update, float(config.dropout), config.fast_path, config.update_branch,
-                   config.keep_zeros)
+    def from_config(cls, config: LieRAConfig) -> AdapterSettings:
+        return cls(
+            config.exp_map,
+            config.update,
+            float(config.dropout),
+            config.fast_path,
+            config.update_branch,
+            config.keep_zeros,
+        )
 
 
 if TYPE_CHECKING:
@@ -82,8 +117,9 @@ def adapter_dtype(config: LieRAConfig, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def build_adapter(config: LieRAConfig, path: str, param_name: str, weight: Tensor,
-                  dtype: Optional[torch.dtype] = None) -> tuple[Generator, AdapterSettings]:
+def build_adapter(
+    config: LieRAConfig, path: str, param_name: str, weight: Tensor, dtype: torch.dtype | None = None
+) -> tuple[Generator, AdapterSettings]:
     """The one place a config becomes the adapter of one weight (its generator and settings): the model, the PEFT
     method and the model-free tools (`liera merge`, `liera inspect`) all build through here. dtype: that of the
     adapter tensors (default: the config's adapter_dtype for this weight)."""
@@ -97,6 +133,7 @@ class AdaptedWeight(nn.ModuleDict):
     each keeps the eval-mode weight cache right."""
 
     if TYPE_CHECKING:  # what the ModuleDict holds: generators only (add() is the one writer)
+
         def __getitem__(self, key: str) -> Generator: ...
         def values(self) -> Iterator[Generator]: ...  # type: ignore[override]
         def items(self) -> Iterator[tuple[str, Generator]]: ...  # type: ignore[override]
@@ -108,8 +145,8 @@ class AdaptedWeight(nn.ModuleDict):
         self._active: list[str] = []
         self._merged: list[str] = []
         self._disabled = False
-        self._merge_copy: Optional[Tensor] = None  # only with keep_merge_copy=True
-        self._cache: Optional[tuple[tuple, Tensor]] = None
+        self._merge_copy: Tensor | None = None  # only with keep_merge_copy=True
+        self._cache: tuple[tuple, Tensor] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -162,7 +199,7 @@ class AdaptedWeight(nn.ModuleDict):
             return []
         return [n for n in self._active if n in self._modules and n not in self._merged]
 
-    def train(self, mode: bool = True) -> "AdaptedWeight":
+    def train(self, mode: bool = True) -> AdaptedWeight:
         self._cache = None  # train()/eval() invalidate the eval-mode weight cache
         return super().train(mode)
 
@@ -196,21 +233,27 @@ class AdaptedWeight(nn.ModuleDict):
         """Raise ValueError if merging would give non-finite values or could not be undone; changes nothing."""
         new = self.merged_weight(weight, names, dtype)
         if not torch.isfinite(new).all():
-            raise ValueError(f"safe_merge: merging {list(names)} into {where} gives non-finite values; no weight was "
-                             f"changed.")
+            raise ValueError(
+                f"safe_merge: merging {list(names)} into {where} gives non-finite values; no weight was changed."
+            )
         bad = self.singular(weight, names, dtype)
         if bad is not None and bad.any():
-            raise ValueError(f"safe_merge: {int(bad.sum())} entries of {where} have a Taylor factor 1 + D near 0; "
-                             f"unmerging could not recover them, so nothing was merged.")
+            raise ValueError(
+                f"safe_merge: {int(bad.sum())} entries of {where} have a Taylor factor 1 + D near 0; "
+                f"unmerging could not recover them, so nothing was merged."
+            )
         lost = self.lost_zeros(weight, new, names)
         if lost:
-            raise ValueError(f"safe_merge: merging {list(names)} turns {lost} non-zero entries of {where} into exact "
-                             f"zeros; with keep_zeros an unmerge would take them for intended zeros, so nothing was "
-                             f"merged (merge with keep_merge_copy=True to unmerge exactly).")
+            raise ValueError(
+                f"safe_merge: merging {list(names)} turns {lost} non-zero entries of {where} into exact "
+                f"zeros; with keep_zeros an unmerge would take them for intended zeros, so nothing was "
+                f"merged (merge with keep_merge_copy=True to unmerge exactly)."
+            )
 
     @torch.no_grad()
-    def merge(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype = torch.float32,
-              keep_copy: bool = False) -> int:
+    def merge(
+        self, weight: Tensor, names: Sequence[str], dtype: torch.dtype = torch.float32, keep_copy: bool = False
+    ) -> int:
         """W <- W * g(D) in place for these adapters; returns how many entries cannot be unmerged exactly."""
         if keep_copy and self._merge_copy is None:
             self._merge_copy = weight.detach().clone()
@@ -222,7 +265,7 @@ class AdaptedWeight(nn.ModuleDict):
         self._cache = None
         return (0 if bad is None else int(bad.sum())) + lost
 
-    def singular(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Optional[Tensor]:
+    def singular(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor | None:
         """Entries whose Taylor factor is near 0 (a merge there cannot be undone); with keep_zeros only where W != 0,
         since a zero of W stays zero whatever its factor. An additive update has no factor: None."""
         if self.update_kind(names) == group.ADDITIVE:
@@ -236,7 +279,7 @@ class AdaptedWeight(nn.ModuleDict):
         return int(group.new_zeros(weight, merged).sum()) if self.keeps_zeros(names) else 0
 
     @torch.no_grad()
-    def unmerge(self, weight: Tensor, names: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32) -> None:
+    def unmerge(self, weight: Tensor, names: Sequence[str] | None = None, dtype: torch.dtype = torch.float32) -> None:
         """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""
         todo = [n for n in self._merged if names is None or n in names]
         if not todo:
@@ -250,8 +293,9 @@ class AdaptedWeight(nn.ModuleDict):
         self._cache = None
 
     @torch.no_grad()
-    def weight_change(self, weight: Tensor, names: Optional[Sequence[str]] = None,
-                      dtype: torch.dtype = torch.float32) -> Tensor:
+    def weight_change(
+        self, weight: Tensor, names: Sequence[str] | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """The learned update W_eff - W of these adapters (default: the live ones), in ``dtype`` or wider (not a
         generator's D, which ``Generator.delta`` gives)."""
         names = self.live() if names is None else list(names)
@@ -270,13 +314,17 @@ class AdaptedWeight(nn.ModuleDict):
     def update_kind(self, names: Sequence[str]) -> str:
         kinds = {self.settings[n].update for n in names}
         if len(kinds) > 1:
-            raise ValueError(f"adapters {list(names)} on {self.param_name!r} mix updates {sorted(kinds)}: an additive and "
-                             f"a multiplicative update do not compose into one group element; activate one kind at a time.")
+            raise ValueError(
+                f"adapters {list(names)} on {self.param_name!r} mix updates {sorted(kinds)}: an additive and "
+                f"a multiplicative update do not compose into one group element; activate one kind at a time."
+            )
         kind = kinds.pop()
         if kind == group.ADDITIVE and len({self.settings[n].keep_zeros for n in names}) > 1:
-            raise ValueError(f"adapters {list(names)} on {self.param_name!r} mix a masked additive update "
-                             f"(keep_zeros=True) with a plain one, which would fill the zeros the other keeps; "
-                             f"activate one kind at a time, or give both the same keep_zeros.")
+            raise ValueError(
+                f"adapters {list(names)} on {self.param_name!r} mix a masked additive update "
+                f"(keep_zeros=True) with a plain one, which would fill the zeros the other keeps; "
+                f"activate one kind at a time, or give both the same keep_zeros."
+            )
         return kind
 
     def keeps_zeros(self, names: Sequence[str]) -> bool:
@@ -287,7 +335,7 @@ class AdaptedWeight(nn.ModuleDict):
     def params(self, names: Sequence[str]) -> list[Tensor]:
         return [p for n in names for p in self[n].parameters()]
 
-    def _generators(self, names: Sequence[str], tensors: Optional[Sequence[Tensor]]):
+    def _generators(self, names: Sequence[str], tensors: Sequence[Tensor] | None):
         """Each generator, bound to the given tensors (in params() order) when they are not its own."""
         offset = 0
         for n in names:
@@ -296,13 +344,19 @@ class AdaptedWeight(nn.ModuleDict):
             if tensors is None:
                 yield n, gen, None
                 continue
-            chunk = tensors[offset:offset + len(own)]
+            chunk = tensors[offset : offset + len(own)]
             offset += len(own)
-            same = all(a is b for a, b in zip(chunk, own.values()))
-            yield n, gen, None if same else dict(zip(own, chunk))
+            same = all(a is b for a, b in zip(chunk, own.values(), strict=False))
+            yield n, gen, None if same else dict(zip(own, chunk, strict=False))
 
-    def terms(self, names: Sequence[str], dtype: torch.dtype, index: Optional[Tensor] = None,
-              tensors: Optional[Sequence[Tensor]] = None, bound: Optional[list] = None) -> list[group.Term]:
+    def terms(
+        self,
+        names: Sequence[str],
+        dtype: torch.dtype,
+        index: Tensor | None = None,
+        tensors: Sequence[Tensor] | None = None,
+        bound: list | None = None,
+    ) -> list[group.Term]:
         """(D, exp_map) per adapter; `bound` reuses a _generators() result (one binding per weight build)."""
         out = []
         with autocast_off(self.device):  # the adapter math stays in float32 under autocast
@@ -316,15 +370,21 @@ class AdaptedWeight(nn.ModuleDict):
 
     def _group_updated(self, weight: Tensor, names: Sequence[str], cd: torch.dtype, bound: list) -> Tensor:
         """V = W * prod g(D_i) (or W + sum D_i), in the compute dtype, before any generator transform."""
-        return group.apply(weight.to(cd), self.terms(names, cd, bound=bound), self.update_kind(names),
-                           self.keeps_zeros(names))
+        return group.apply(
+            weight.to(cd), self.terms(names, cd, bound=bound), self.update_kind(names), self.keeps_zeros(names)
+        )
 
     def has_transform(self, names: Sequence[str]) -> bool:
         return any(type(self[n]).transform is not Generator.transform for n in names)
 
-    def effective(self, weight: Tensor, names: Optional[Sequence[str]] = None,
-                  dtype: Optional[torch.dtype] = None, tensors: Optional[Sequence[Tensor]] = None,
-                  out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def effective(
+        self,
+        weight: Tensor,
+        names: Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        tensors: Sequence[Tensor] | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """W_eff for the given adapters (default: the live ones), formed in float32 or wider, cast once
         (to W's dtype unless out_dtype says otherwise)."""
         names = self.live() if names is None else list(names)
@@ -336,9 +396,12 @@ class AdaptedWeight(nn.ModuleDict):
         if self.has_transform(names):
             w = weight.to(cd)
             with autocast_off(w):
-                for n, gen, given in bound:
-                    out = gen.transform(out, w) if given is None else functional_call(gen, given, (out, w),
-                                                                                      {"transform": True})
+                for _n, gen, given in bound:
+                    out = (
+                        gen.transform(out, w)
+                        if given is None
+                        else functional_call(gen, given, (out, w), {"transform": True})
+                    )
             if self.keeps_zeros(names):  # a transform (DoRA's norm) rescales: pin the zeros again
                 out = group.keep_zeros_of(w, out)
         return out.to(out_dtype or weight.dtype)
@@ -365,8 +428,13 @@ class AdaptedWeight(nn.ModuleDict):
             out = group.keep_zeros_of(weight.to(cd), out)
         return out.to(weight.dtype)
 
-    def difference(self, weight: Tensor, names: Sequence[str], tensors: Optional[Sequence[Tensor]] = None,
-                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def difference(
+        self,
+        weight: Tensor,
+        names: Sequence[str],
+        tensors: Sequence[Tensor] | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """W_eff - W without cancellation (the update branch's weight), in W's dtype unless out_dtype is given."""
         cd = self._compute_dtype(weight, names)
         w = weight.to(cd)
@@ -374,7 +442,8 @@ class AdaptedWeight(nn.ModuleDict):
             return (self.effective(weight, names, cd, tensors, out_dtype=cd) - w).to(out_dtype or weight.dtype)
         terms = self.terms(names, cd, tensors=tensors)
         return group.delta_weight(w, terms, self.update_kind(names), self.keeps_zeros(names)).to(
-            out_dtype or weight.dtype)
+            out_dtype or weight.dtype
+        )
 
     def effective_rows(self, weight: Tensor, index: Tensor, names: Sequence[str]) -> Tensor:
         """W_eff[index] from the gathered rows only (embeddings)."""
@@ -409,9 +478,16 @@ class AdaptedWeight(nn.ModuleDict):
         kwargs = {k: swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def run(self, op: WeightOp, stored: Tensor, names: Sequence[str], training: bool,
-            read: Optional[Callable[[Tensor], Tensor]] = None, dtype: Optional[torch.dtype] = None,
-            base: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def run(
+        self,
+        op: WeightOp,
+        stored: Tensor,
+        names: Sequence[str],
+        training: bool,
+        read: Callable[[Tensor], Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        base: Callable[[], Tensor] | None = None,
+    ) -> Tensor | None:
         """The bound op with these adapters: the fast path (one op, the weight rebuilt in backward), the update
         branch (dropout, or update_branch="float32"), or, for a quantized weight, one op on the effective weight;
         None where the generic path serves a float weight (no gradient needed: one op with the cached W_eff).
@@ -426,8 +502,11 @@ class AdaptedWeight(nn.ModuleDict):
         # under torch.autocast the op runs in its dtype, with the weight formed from float32 pieces and cast once
         dtype = autocast_dtype(op.input) or dtype
         # the update as its own float32 op, summed in float32 and rounded once (HiRA's precision)
-        wide = self._compute_dtype(stored, names) if any(
-            self.settings[n].update_branch == "float32" for n in names) else None
+        wide = (
+            self._compute_dtype(stored, names)
+            if any(self.settings[n].update_branch == "float32" for n in names)
+            else None
+        )
         floated = (lambda w: w) if read is None else read
 
         def effective(w: Tensor, ps: Sequence[Tensor]) -> Tensor:
@@ -449,19 +528,29 @@ class AdaptedWeight(nn.ModuleDict):
             branch = recomputed_op(op, difference, stored, params, x=dropped, with_bias=False, dtype=wide or dtype)
             return y + branch if wide is None else (y + branch).to(y.dtype)
         if wide is not None:
-            diff = self._cached(stored, names, params, grad_needed, training, "difference",
-                                lambda: difference(stored, params), cache=read is None)
+            diff = self._cached(
+                stored,
+                names,
+                params,
+                grad_needed,
+                training,
+                "difference",
+                lambda: difference(stored, params),
+                cache=read is None,
+            )
             y = base_op()
             return (y + run_op(op, op.input, diff, None, wide)).to(y.dtype)
         if read is None:
             return None
-        w_eff = self._cached(stored, names, params, grad_needed, training, "effective",
-                             lambda: effective(stored, params), cache=False)  # a float copy of a quantized layer
+        w_eff = self._cached(
+            stored, names, params, grad_needed, training, "effective", lambda: effective(stored, params), cache=False
+        )  # a float copy of a quantized layer
         return run_op(op, op.input, w_eff, op.bias, dtype)
 
     def _generic_weight(self, weight, names, params, grad_needed, training) -> Tensor:
-        return self._cached(weight, names, params, grad_needed, training, "effective",
-                            lambda: self.effective(weight, names))
+        return self._cached(
+            weight, names, params, grad_needed, training, "effective", lambda: self.effective(weight, names)
+        )
 
     def _cached(self, weight, names, params, grad_needed, training, what: str, build, cache: bool = True) -> Tensor:
         """Built with autograd when gradients are needed; in eval, kept until a parameter or setting changes (unless
@@ -471,9 +560,15 @@ class AdaptedWeight(nn.ModuleDict):
         if training or not cache:
             with torch.no_grad():
                 return build()
-        key = (what, tuple(names), weight.data_ptr(), weight._version, weight.dtype,
-               tuple((p.data_ptr(), p._version) for p in params),
-               tuple(self.settings[n].exp_map for n in names))
+        key = (
+            what,
+            tuple(names),
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            tuple((p.data_ptr(), p._version) for p in params),
+            tuple(self.settings[n].exp_map for n in names),
+        )
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, build())
@@ -500,8 +595,9 @@ class _Redirect(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _METADATA_METHODS and not (
-                getattr(func, "__name__", "") == "__get__"
-                and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA_PROPERTIES):
+            getattr(func, "__name__", "") == "__get__"
+            and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA_PROPERTIES
+        ):
             for adapted in self.entries:
                 # looked up at call time: sharding wrappers (FSDP) swap in the gathered parameter in their own hooks
                 weight = self.owner._parameters[adapted.param_name]
@@ -518,7 +614,7 @@ def float_weight(owner: nn.Module, param_name: str) -> Tensor:
     return weight if quantized is None else quantized.dequantize(owner, weight).detach()
 
 
-def quantization_of(owner: nn.Module, param_name: str) -> Optional[QuantizedWeight]:
+def quantization_of(owner: nn.Module, param_name: str) -> QuantizedWeight | None:
     """How ``owner.<param_name>`` is stored quantized (bitsandbytes), or None for a float tensor."""
     kind = kind_of(owner)
     return kind.quantized if kind is not None and param_name == kind.weight_name else None
@@ -528,11 +624,13 @@ def check_mergeable(weight: Tensor, where: str) -> None:
     """Refuse a merge into a quantized weight before anything changes: requantizing W_eff would round a learned
     update of a few percent of |W| into the quantization error (4-bit steps are ~10% of a block's range)."""
     if not weight.is_floating_point():
-        raise ValueError(f"{where} is stored quantized ({type(weight).__name__}, {weight.dtype}); liera does not merge "
-                         f"into a quantized weight, since requantizing would round the learned update away. Keep the "
-                         f"adapter unmerged (it runs on the quantized base), or merge into a bf16 copy: load the base "
-                         f"model unquantized (torch_dtype=torch.bfloat16), load this adapter into it, then "
-                         f"merge_and_unload(). Nothing was merged.")
+        raise ValueError(
+            f"{where} is stored quantized ({type(weight).__name__}, {weight.dtype}); liera does not merge "
+            f"into a quantized weight, since requantizing would round the learned update away. Keep the "
+            f"adapter unmerged (it runs on the quantized base), or merge into a bf16 copy: load the base "
+            f"model unquantized (torch_dtype=torch.bfloat16), load this adapter into it, then "
+            f"merge_and_unload(). Nothing was merged."
+        )
 
 
 def quantized_forward(owner: nn.Module, adapted: AdaptedWeight, training: bool, x: Tensor) -> Tensor:
@@ -543,9 +641,15 @@ def quantized_forward(owner: nn.Module, adapted: AdaptedWeight, training: bool, 
         return type(owner).forward(owner, x)
     quantized = quantization_of(owner, adapted.param_name)
     assert quantized is not None
-    y = adapted.run(quantized.op(x, cast(Optional[Tensor], owner.bias)), adapted.owner_weight(owner), names, training,
-                    read=lambda w: quantized.dequantize(owner, w), dtype=quantized.compute_dtype(owner, x),
-                    base=lambda: type(owner).forward(owner, x))
+    y = adapted.run(
+        quantized.op(x, cast(Tensor | None, owner.bias)),
+        adapted.owner_weight(owner),
+        names,
+        training,
+        read=lambda w: quantized.dequantize(owner, w),
+        dtype=quantized.compute_dtype(owner, x),
+        base=lambda: type(owner).forward(owner, x),
+    )
     assert y is not None
     return y if autocast_dtype(x) is not None else y.to(x.dtype)
 
@@ -557,7 +661,9 @@ def _quantized_module_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def adapted_weights_of(module: nn.Module) -> list[AdaptedWeight]:
-    return [m for name, m in module._modules.items() if name.startswith(ADAPTER_PREFIX) and isinstance(m, AdaptedWeight)]
+    return [
+        m for name, m in module._modules.items() if name.startswith(ADAPTER_PREFIX) and isinstance(m, AdaptedWeight)
+    ]
 
 
 @contextlib.contextmanager
@@ -592,7 +698,7 @@ def redirect_post_hook(module: nn.Module, args, output) -> None:
 def attach(owner: nn.Module, param_name: str, name: str, generator: Generator, settings: AdapterSettings) -> None:
     """Give ``owner.<param_name>`` the adapter ``name``: its AdaptedWeight child (made on first use) and the hooks."""
     child = ADAPTER_PREFIX + param_name
-    adapted = cast(Optional[AdaptedWeight], owner._modules.get(child))
+    adapted = cast(AdaptedWeight | None, owner._modules.get(child))
     if adapted is None:
         adapted = AdaptedWeight(param_name)
         owner.add_module(child, adapted)

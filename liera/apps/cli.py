@@ -3,13 +3,14 @@
 Each command registers its arguments, and imports what it needs, only when it is the command being run: `liera
 --help` loads neither torch nor any model code, so it answers at once.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 COMMANDS = {  # name -> one-line help (what `liera --help` lists without importing anything)
     "demo": "compare LieRA with LoRA, PEFT's LoRA and a linear probe on a real pretrained CNN (EfficientNet-Lite0)",
@@ -27,10 +28,13 @@ def _demo_arguments(p: argparse.ArgumentParser) -> Callable:
     from .methods import names
 
     p.add_argument("--out", default="liera-demo", help="output directory (results.json, results.md, results.png)")
-    p.add_argument("--methods", help=f"comma-separated arms: {', '.join(names(domain='image'))}, each optionally with "
-                                     f"{' or '.join('@' + t for t in TARGET_SETS if t != 'all')} (adapt the stem and "
-                                     f"depthwise convs only, the paper's ConvNeXt-V2 analogue); default: "
-                                     f"{','.join(DEMO_METHODS)}")
+    p.add_argument(
+        "--methods",
+        help=f"comma-separated arms: {', '.join(names(domain='image'))}, each optionally with "
+        f"{' or '.join('@' + t for t in TARGET_SETS if t != 'all')} (adapt the stem and "
+        f"depthwise convs only, the paper's ConvNeXt-V2 analogue); default: "
+        f"{','.join(DEMO_METHODS)}",
+    )
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="default: r")
     p.add_argument("--epochs", type=int, default=5)
@@ -39,8 +43,12 @@ def _demo_arguments(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("--test-size", type=int, default=2000, help="up to 10000 with Debian's dataset-fashion-mnist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", action="append", metavar="METHOD=LR", help="override a learning rate, e.g. lora=1e-3")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores other processes leave free now, from /proc/stat)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores other processes leave free now, from /proc/stat)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run in seconds (tiny data, 1 epoch)")
     p.add_argument("--no-progress", action="store_true")
     return _demo
@@ -54,11 +62,21 @@ def _demo(args) -> int:
         method, _, value = item.partition("=")
         lrs[method] = float(value)
     methods = args.methods.split(",") if args.methods else list(DEMO_METHODS)
-    size = dict(r=2, epochs=1, resolution=32, train_size=64, test_size=64, batch_size=32) if args.quick else dict(
-        r=args.r, alpha=args.alpha, epochs=args.epochs, resolution=args.resolution, batch_size=args.batch_size,
-        test_size=args.test_size)  # --quick: a smoke run in seconds
-    run_demo(args.out, methods, seed=args.seed, lrs=lrs, show_progress=not args.no_progress, threads=args.threads,
-             **size)
+    size = (
+        dict(r=2, epochs=1, resolution=32, train_size=64, test_size=64, batch_size=32)
+        if args.quick
+        else dict(
+            r=args.r,
+            alpha=args.alpha,
+            epochs=args.epochs,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            test_size=args.test_size,
+        )
+    )  # --quick: a smoke run in seconds
+    run_demo(
+        args.out, methods, seed=args.seed, lrs=lrs, show_progress=not args.no_progress, threads=args.threads, **size
+    )
     return 0
 
 
@@ -77,18 +95,32 @@ def _merge(args) -> int:
     from ..integrations.statedict import merge_file
     from .progress import progress
 
-    stats = merge_file(args.base, args.adapter, args.out, dtype=torch.float64 if args.float64 else torch.float32,
-                       progress=None if args.no_progress else progress)
-    print(f"wrote {args.out}: {stats['merged']} weights merged, {stats['replaced']} replaced and {stats['added']} "
-          f"added (modules_to_save: trained in full, a new head is written into the output), {stats['copied']} copied")
+    stats = merge_file(
+        args.base,
+        args.adapter,
+        args.out,
+        dtype=torch.float64 if args.float64 else torch.float32,
+        progress=None if args.no_progress else progress,
+    )
+    print(
+        f"wrote {args.out}: {stats['merged']} weights merged, {stats['replaced']} replaced and {stats['added']} "
+        f"added (modules_to_save: trained in full, a new head is written into the output), {stats['copied']} copied"
+    )
     return 0
 
 
 def _inspect_arguments(p: argparse.ArgumentParser) -> Callable:
-    p.add_argument("adapter", help="adapter folder (or the adapter_model.safetensors inside it), or a model's "
-                                   ".safetensors state dict (or its folder): then each weight's zeros and N:M validity")
-    p.add_argument("--nm", default="2:4,4:8", help="N:M patterns a sparsity report checks (at most N non-zeros in "
-                                                   "every M consecutive inputs), comma-separated; default 2:4,4:8")
+    p.add_argument(
+        "adapter",
+        help="adapter folder (or the adapter_model.safetensors inside it), or a model's "
+        ".safetensors state dict (or its folder): then each weight's zeros and N:M validity",
+    )
+    p.add_argument(
+        "--nm",
+        default="2:4,4:8",
+        help="N:M patterns a sparsity report checks (at most N non-zeros in "
+        "every M consecutive inputs), comma-separated; default 2:4,4:8",
+    )
     return _inspect
 
 
@@ -105,9 +137,13 @@ def _inspect(args) -> int:
 
 def _convert_arguments(p: argparse.ArgumentParser) -> Callable:
     p.add_argument("adapter", help="adapter folder to convert")
-    p.add_argument("--to", choices=["peft", "liera"], required=True,
-                   help="peft: PEFT's native LIERA format (peft.PeftModel.from_pretrained after "
-                        "`import liera.integrations.peft`); liera: liera's own format (LieRAModel.from_pretrained)")
+    p.add_argument(
+        "--to",
+        choices=["peft", "liera"],
+        required=True,
+        help="peft: PEFT's native LIERA format (peft.PeftModel.from_pretrained after "
+        "`import liera.integrations.peft`); liera: liera's own format (LieRAModel.from_pretrained)",
+    )
     p.add_argument("--out", required=True, help="output folder; never the input folder")
     return _convert
 
@@ -127,10 +163,12 @@ def _same_folder(adapter: str, out: str) -> bool:
 
 def _convert(args) -> int:
     if _same_folder(args.adapter, args.out):
-        raise ValueError(f"--out {args.out!r} is the input adapter folder; convert never overwrites its input (both "
-                         f"formats write adapter_config.json and adapter_model.safetensors, so the original would be "
-                         f"replaced). Choose another folder, e.g. "
-                         f"--out {_input_folder(args.adapter).resolve().name}-{args.to}.")
+        raise ValueError(
+            f"--out {args.out!r} is the input adapter folder; convert never overwrites its input (both "
+            f"formats write adapter_config.json and adapter_model.safetensors, so the original would be "
+            f"replaced). Choose another folder, e.g. "
+            f"--out {_input_folder(args.adapter).resolve().name}-{args.to}."
+        )
     from ..integrations import peft as peft_method
 
     convert = peft_method.liera_to_peft if args.to == "peft" else peft_method.peft_to_liera
@@ -140,12 +178,16 @@ def _convert(args) -> int:
 
 
 # finetune registers its own parser (liera.apps.finetune.add_parser)
-ARGUMENTS = {"demo": _demo_arguments, "merge": _merge_arguments, "inspect": _inspect_arguments,
-             "convert": _convert_arguments}
+ARGUMENTS = {
+    "demo": _demo_arguments,
+    "merge": _merge_arguments,
+    "inspect": _inspect_arguments,
+    "convert": _convert_arguments,
+}
 
 
 # ====================================================================== parsing
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `liera` parser; the arguments of ``command`` (all commands when None) are registered."""
     parser = argparse.ArgumentParser(prog="liera", description="LieRA: Lie-group parameter-efficient fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -162,12 +204,12 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_of(argv: Sequence[str]) -> Optional[str]:
+def _command_of(argv: Sequence[str]) -> str | None:
     """The command word of argv, if it is one ("liera --help" has none)."""
     return next((a for a in argv if not a.startswith("-")), None) if argv else None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:  # `liera inspect ... | head`: the reader left; say nothing more
@@ -175,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     from .errors import UserError  # a few lines: `liera --help` stays instant
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,5 @@
 """Small, local datasets for the demo, the experiments and `liera finetune`. Nothing is downloaded."""
+
 from __future__ import annotations
 
 import csv
@@ -16,11 +17,20 @@ from .errors import UserError
 DATA_DIR = Path(__file__).parent / "data"
 DEMO_FILE = DATA_DIR / "fashion_mnist_vtab1k.npz"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 
 @dataclass
@@ -47,8 +57,14 @@ class ImageTask:
             val.extend(idx[: max(1, int(round(len(idx) * fraction)))])
         mask = np.zeros(len(self.train_y), bool)
         mask[val] = True
-        return ImageTask(f"{self.name}-val", self.train_x[~mask], self.train_y[~mask], self.train_x[mask],
-                         self.train_y[mask], self.classes)
+        return ImageTask(
+            f"{self.name}-val",
+            self.train_x[~mask],
+            self.train_y[~mask],
+            self.train_x[mask],
+            self.train_y[mask],
+            self.classes,
+        )
 
 
 def fashion_mnist_1k(test_size: int = 2000) -> ImageTask:
@@ -59,12 +75,15 @@ def fashion_mnist_1k(test_size: int = 2000) -> ImageTask:
     if test_size > len(test_y):
         full = DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz"
         if not full.exists():
-            raise FileNotFoundError(f"test_size={test_size} needs Debian's dataset-fashion-mnist "
-                                    f"(apt install dataset-fashion-mnist); the carried subset has {len(test_y)} test "
-                                    f"images.")
+            raise FileNotFoundError(
+                f"test_size={test_size} needs Debian's dataset-fashion-mnist "
+                f"(apt install dataset-fashion-mnist); the carried subset has {len(test_y)} test "
+                f"images."
+            )
         test_x, test_y = _read_idx(full), _read_idx(DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz")
-    return ImageTask("fashion-mnist-1k", data["train_x"], data["train_y"], test_x[:test_size], test_y[:test_size],
-                     FASHION_CLASSES)
+    return ImageTask(
+        "fashion-mnist-1k", data["train_x"], data["train_y"], test_x[:test_size], test_y[:test_size], FASHION_CLASSES
+    )
 
 
 def digits_1k(seed: int = 0) -> ImageTask:
@@ -78,8 +97,18 @@ def digits_1k(seed: int = 0) -> ImageTask:
     return ImageTask("digits-1k", images[tr], d.target[tr], images[te], d.target[te], [str(i) for i in range(10)])
 
 
-TEXTURE_SOURCES = ("brick", "grass", "gravel", "camera", "coins", "moon", "cell", "hubble_deep_field",
-                   "immunohistochemistry", "retina")
+TEXTURE_SOURCES = (
+    "brick",
+    "grass",
+    "gravel",
+    "camera",
+    "coins",
+    "moon",
+    "cell",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+)
 
 
 def textures_1k(patch: int = 24, test_per_class: int = 200, seed: int = 0) -> ImageTask:
@@ -100,7 +129,7 @@ def textures_1k(patch: int = 24, test_per_class: int = 200, seed: int = 0) -> Im
         for i in range(n):
             r = rng.integers(rows[0], rows[1] - patch + 1)
             c = rng.integers(0, image.shape[1] - patch + 1)
-            p = image[r:r + patch, c:c + patch]
+            p = image[r : r + patch, c : c + patch]
             p = (p - p.min()) / max(float(p.max() - p.min()), 1e-6)
             p = np.rot90(p, int(rng.integers(4)))
             out[i] = np.round(255 * (p[:, ::-1] if rng.integers(2) else p))
@@ -115,8 +144,14 @@ def textures_1k(patch: int = 24, test_per_class: int = 200, seed: int = 0) -> Im
         test_x.append(cut(image, (half, image.shape[0]), test_per_class))
         train_y += [label] * 100
         test_y += [label] * test_per_class
-    return ImageTask("textures-1k", np.concatenate(train_x), np.array(train_y), np.concatenate(test_x),
-                     np.array(test_y), list(TEXTURE_SOURCES))
+    return ImageTask(
+        "textures-1k",
+        np.concatenate(train_x),
+        np.array(train_y),
+        np.concatenate(test_x),
+        np.array(test_y),
+        list(TEXTURE_SOURCES),
+    )
 
 
 ELPV_PACKAGE, ELPV_LABELS = "elpv_dataset", "data/labels.csv"
@@ -146,7 +181,7 @@ def elpv_1k(train_per_class: int = 500, size: int = 64, seed: int = 0) -> ImageT
     by_class = [rng.permutation(np.flatnonzero(y == c)) for c in (0, 1)]
     n_test = min(len(idx) for idx in by_class) - train_per_class
     train = rng.permutation(np.concatenate([idx[:train_per_class] for idx in by_class]))
-    test = rng.permutation(np.concatenate([idx[train_per_class:train_per_class + n_test] for idx in by_class]))
+    test = rng.permutation(np.concatenate([idx[train_per_class : train_per_class + n_test] for idx in by_class]))
 
     def load(idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), size, size), np.uint8)
@@ -162,12 +197,13 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         raw = fh.read()
     dims = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def to_model_input(images: np.ndarray, resolution: int, mean: tuple = IMAGENET_MEAN,
-                   std: tuple = IMAGENET_STD) -> torch.Tensor:
+def to_model_input(
+    images: np.ndarray, resolution: int, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 images (or floats in [0, 1]) -> float (N, 3, res, res), normalised with mean/std (ImageNet by
     default); grey images are repeated on 3 channels."""
     x = torch.as_tensor(np.ascontiguousarray(images)).float()
@@ -197,8 +233,10 @@ def load_npz_images(path: str | Path) -> ImageTask:
         raise ValueError(f"cannot read {str(path)!r} as .npz ({exc}).") from exc
     missing = [k for k in ("train_x", "train_y") if k not in data]
     if missing:
-        raise ValueError(f"{str(path)!r} lacks arrays {missing}; it needs train_x (N, H, W[, C]) and train_y (N,), "
-                         f"and may have test_x, test_y. It has: {sorted(data.keys())}.")
+        raise ValueError(
+            f"{str(path)!r} lacks arrays {missing}; it needs train_x (N, H, W[, C]) and train_y (N,), "
+            f"and may have test_x, test_y. It has: {sorted(data.keys())}."
+        )
     x, y = data["train_x"], data["train_y"].astype(np.int64)
     if len(x) == 0:
         raise ValueError(f"{str(path)!r} holds an empty training set.")
@@ -269,8 +307,9 @@ class TextTask:
         return len(self.classes)
 
 
-def load_text_table(path: str | Path, text_column: str = "text", label_column: str = "label",
-                    test_fraction: float = 0.2, seed: int = 0) -> TextTask:
+def load_text_table(
+    path: str | Path, text_column: str = "text", label_column: str = "label", test_fraction: float = 0.2, seed: int = 0
+) -> TextTask:
     """CSV or JSONL with a text and a label column; a stratified test split is held out."""
 
     path = Path(path)
@@ -288,13 +327,16 @@ def load_text_table(path: str | Path, text_column: str = "text", label_column: s
         raise ValueError(f"{str(path)!r} holds no rows.")
     for column in (text_column, label_column):
         if column not in rows[0]:
-            raise ValueError(f"column {column!r} does not exist in {str(path)!r}; columns: {sorted(rows[0])}. "
-                             f"Pass --text-column / --label-column.")
+            raise ValueError(
+                f"column {column!r} does not exist in {str(path)!r}; columns: {sorted(rows[0])}. "
+                f"Pass --text-column / --label-column."
+            )
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or r.get(text_column) is None or r.get(label_column) in (None, ""):
             raise ValueError(f"row {i + 1} of {str(path)!r} lacks a value for {text_column!r} or {label_column!r}.")
-    labels = sorted({str(r[label_column]) for r in rows},
-                    key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v))  # "2" before "10"
+    labels = sorted(
+        {str(r[label_column]) for r in rows}, key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v)
+    )  # "2" before "10"
     y = np.array([labels.index(str(r[label_column])) for r in rows])
     text = [str(r[text_column]) for r in rows]
     rng = np.random.default_rng(seed)

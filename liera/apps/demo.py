@@ -7,6 +7,7 @@ analogue of the paper's ConvNeXt-V2 set, the stem and the 16 depthwise convs ("m
 trains the same new 10-class head. The learning rates were chosen per arm on a validation split of the
 1,000 training images (experiments/vision.py, docs/results.md), never on the test set.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,10 +45,21 @@ def _available(methods: Sequence[str]) -> list[str]:
     return out
 
 
-def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEMO_METHODS, r: int = 8,
-             alpha: float | None = None, epochs: int = 5, resolution: int = 64, batch_size: int = 32,
-             seed: int = 0, lrs: dict | None = None, train_size: int = 1000, test_size: int = 2000,
-             show_progress: bool = True, threads: int | None = None) -> list[ArmResult]:
+def run_demo(
+    out: str | os.PathLike = "liera-demo",
+    methods: Sequence[str] = DEMO_METHODS,
+    r: int = 8,
+    alpha: float | None = None,
+    epochs: int = 5,
+    resolution: int = 64,
+    batch_size: int = 32,
+    seed: int = 0,
+    lrs: dict | None = None,
+    train_size: int = 1000,
+    test_size: int = 2000,
+    show_progress: bool = True,
+    threads: int | None = None,
+) -> list[ArmResult]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; give a directory for the results.")
@@ -65,9 +77,11 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
     x_test = to_model_input(task.test_x, resolution).contiguous(memory_format=nhwc)
     y_test = torch.as_tensor(task.test_y).long()
     methods = _available(methods)
-    print(f"liera demo: EfficientNet-Lite0 (ImageNet) on {task.name}: {len(y_train)} train / {len(y_test)} test "
-          f"images at {resolution}x{resolution}; convolutions adapted at r={r}, alpha={alpha:g} (@dw: stem + depthwise "
-          f"only); {epochs} epochs; {len(methods)} arms")
+    print(
+        f"liera demo: EfficientNet-Lite0 (ImageNet) on {task.name}: {len(y_train)} train / {len(y_test)} test "
+        f"images at {resolution}x{resolution}; convolutions adapted at r={r}, alpha={alpha:g} (@dw: stem + depthwise "
+        f"only); {epochs} epochs; {len(methods)} arms"
+    )
     # Module.to takes memory_format at runtime; torch's type stubs leave it out
     template = load_efficientnet_lite0(task.num_classes, seed).to(memory_format=nhwc)  # type: ignore[call-overload]
     results: list[ArmResult] = []
@@ -77,49 +91,79 @@ def run_demo(out: str | os.PathLike = "liera-demo", methods: Sequence[str] = DEM
             method, targets = split_arm(arm)
             lr = lrs[arm]
             try:
-                result, _ = run_arm(method, lambda: copy.deepcopy(template), (x_train, y_train, x_test, y_test),
-                                    head=HEAD, r=r, alpha=alpha, target_modules=TARGET_SETS[targets], lr=lr,
-                                    epochs=epochs, batch_size=batch_size, seed=seed, show_progress=show_progress)
+                result, _ = run_arm(
+                    method,
+                    lambda: copy.deepcopy(template),
+                    (x_train, y_train, x_test, y_test),
+                    head=HEAD,
+                    r=r,
+                    alpha=alpha,
+                    target_modules=TARGET_SETS[targets],
+                    lr=lr,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    seed=seed,
+                    show_progress=show_progress,
+                )
             except Exception as exc:  # one broken arm (e.g. an outside library) must not sink the others
-                result = ArmResult(method, 0, float("nan"), 0.0, float("nan"), lr, epochs,
-                                   note=describe_failure(exc), seed=seed)
+                result = ArmResult(
+                    method, 0, float("nan"), 0.0, float("nan"), lr, epochs, note=describe_failure(exc), seed=seed
+                )
             result.method = arm
             results.append(result)
             note = f"  [{result.note}]" if result.note else ""
-            print(f"  {arm_label(arm) + ' (' + arm + ')':>58s}: test accuracy {result.test_accuracy:.4f}  "
-                  f"trainable {result.trainable_params:,}  {result.train_time_s:.0f} s{note}")
+            print(
+                f"  {arm_label(arm) + ' (' + arm + ')':>58s}: test accuracy {result.test_accuracy:.4f}  "
+                f"trainable {result.trainable_params:,}  {result.train_time_s:.0f} s{note}"
+            )
             write_results(out, results, meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started))
     except KeyboardInterrupt:
         if results:
-            write_results(out, results, meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started,
-                                              interrupted=True))
+            write_results(
+                out, results, meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started, interrupted=True)
+            )
         print(f"\ninterrupted: {len(results)} finished arm(s) kept in {out}/results.json")
         raise
     print()
     print(markdown_table(results))
-    print(f"\nwrote {out}/results.json, {out}/results.md, {out}/results.png  "
-          f"(total {time.perf_counter() - started:.0f} s)")
+    print(
+        f"\nwrote {out}/results.json, {out}/results.md, {out}/results.png  "
+        f"(total {time.perf_counter() - started:.0f} s)"
+    )
     return results
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line: the exception and the innermost frame that raised it (outside libraries fail tersely)."""
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = (f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} ({frame.line})"
-             if frame else "")
+    where = (
+        f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} ({frame.line})"
+        if frame
+        else ""
+    )
     return f"failed: {type(exc).__name__}: {str(exc)[:120]}{where}"[:300]
 
 
 def meta(task, r, alpha, epochs, resolution, batch_size, seed, lrs, started, interrupted=False) -> dict:
-    return {"task": task.name, "model": "EfficientNet-Lite0 (ImageNet-1k)",
-            "targets": "all convolutions; @dw: the stem and the 16 depthwise convolutions",
-            "r": r, "alpha": alpha, "epochs": epochs, "resolution": resolution, "batch_size": batch_size,
-            "seed": seed, "learning_rates": lrs, "torch_threads": torch.get_num_threads(),
-            "elapsed_s": round(time.perf_counter() - started, 1), "interrupted": interrupted}
+    return {
+        "task": task.name,
+        "model": "EfficientNet-Lite0 (ImageNet-1k)",
+        "targets": "all convolutions; @dw: the stem and the 16 depthwise convolutions",
+        "r": r,
+        "alpha": alpha,
+        "epochs": epochs,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "seed": seed,
+        "learning_rates": lrs,
+        "torch_threads": torch.get_num_threads(),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "interrupted": interrupted,
+    }
 
 
 def arm_label(arm: str) -> str:
-    """"liera-rms@dw" -> "LieRA-Taylor + rms scaling, stem + depthwise": the README's names."""
+    """ "liera-rms@dw" -> "LieRA-Taylor + rms scaling, stem + depthwise": the README's names."""
     method, targets = split_arm(arm)
     return f"{label(method)}, {TARGET_NAMES[targets]}" if get_method(method).adapts else label(method)
 
@@ -131,11 +175,15 @@ def format_rate(rate: float) -> str:
 
 
 def markdown_table(results: Sequence[ArmResult]) -> str:
-    lines = ["| method | arm | trainable params | test accuracy | train time (s) | peak memory (MB) | lr |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| method | arm | trainable params | test accuracy | train time (s) | peak memory (MB) | lr |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
-        lines.append(f"| {arm_label(r.method)} | `{r.method}` | {r.trainable_params:,} | {r.test_accuracy:.4f} | "
-                     f"{r.train_time_s:.1f} | {r.peak_memory_mb:.0f} | {format_rate(r.lr)} |")
+        lines.append(
+            f"| {arm_label(r.method)} | `{r.method}` | {r.trainable_params:,} | {r.test_accuracy:.4f} | "
+            f"{r.train_time_s:.1f} | {r.peak_memory_mb:.0f} | {format_rate(r.lr)} |"
+        )
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -143,8 +191,13 @@ def markdown_table(results: Sequence[ArmResult]) -> str:
 def write_results(out: Path, results: Sequence[ArmResult], info: dict) -> None:
     payload = json.dumps({"meta": info, "results": [r.to_dict() for r in results]}, indent=2)
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
-    table = "# liera demo results\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + \
-        markdown_table(results) + "\n"
+    table = (
+        "# liera demo results\n\n"
+        + "\n".join(f"- {k}: {v}" for k, v in info.items())
+        + "\n\n"
+        + markdown_table(results)
+        + "\n"
+    )
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table))
     plot(out / "results.png", results, info)
 
@@ -175,11 +228,17 @@ def figure(results: Sequence[ArmResult], info: dict):
     for i, r in enumerate(results):
         colour, name = f"C{i % 10}", arm_label(r.method)
         if r.trainable_params and r.test_accuracy == r.test_accuracy:  # a legend, not labels that overlap
-            ax1.scatter(r.trainable_params, r.test_accuracy, s=46, color=colour, marker=markers[i % len(markers)],
-                        label=f"{name}: {r.test_accuracy:.3f}")
+            ax1.scatter(
+                r.trainable_params,
+                r.test_accuracy,
+                s=46,
+                color=colour,
+                marker=markers[i % len(markers)],
+                label=f"{name}: {r.test_accuracy:.3f}",
+            )
         if r.losses:
             k = max(1, len(r.losses) // 50)
-            smooth = [sum(r.losses[i:i + k]) / len(r.losses[i:i + k]) for i in range(0, len(r.losses), k)]
+            smooth = [sum(r.losses[i : i + k]) / len(r.losses[i : i + k]) for i in range(0, len(r.losses), k)]
             ax2.plot([j * k for j in range(len(smooth))], smooth, color=colour, label=r.method)
     ax1.set_xscale("log")
     ax1.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels also within one decade

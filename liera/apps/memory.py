@@ -6,6 +6,7 @@ below autograd, so it also sees the backward pass and the optimizer), adds its s
 subtracts them when the storage is freed. Parameters and buffers of the given module are counted as the
 static part. It costs a Python call per operator, so track a few steps, not a whole run.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -77,8 +78,8 @@ class TensorMemory(TorchDispatchMode):
 
     @property
     def peak_mb(self) -> float:
-        return (self.static_bytes + self.peak_bytes) / 2 ** 20
+        return (self.static_bytes + self.peak_bytes) / 2**20
 
     @property
     def static_mb(self) -> float:
-        return self.static_bytes / 2 ** 20
+        return self.static_bytes / 2**20

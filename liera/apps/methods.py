@@ -11,11 +11,13 @@ common transformer values (docs/results-language.md); ``lm`` SmolLM2-135M on the
 (docs/results-llm.md), and per language-model task the study's own choice (LM_TASK_RATES, read by `liera
 finetune` and examples/smollm2_liera.py alike). PEFT's arms take the rate of liera's arm with the same math.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..config import LieRAConfig
 from ..group import ADDITIVE, EXACT, EXP_MAPS, MULTIPLICATIVE, TAYLOR
@@ -44,13 +46,15 @@ class Method:
     def multiplicative(self) -> bool:
         return self.family == LIERA and self.options.get("update", MULTIPLICATIVE) == MULTIPLICATIVE
 
-    def rate(self, domain: str, task: Optional[str] = None) -> float:
+    def rate(self, domain: str, task: str | None = None) -> float:
         """The default rate: the study's choice for ``task`` where it made one (LM_TASK_RATES), else the domain's."""
         if task is not None and self.name in LM_TASK_RATES.get(task, {}):
             return LM_TASK_RATES[task][self.name]
         if domain not in self.rates:
-            raise ValueError(f"method {self.name!r} has no default learning rate for {domain!r} "
-                             f"(it has {sorted(self.rates)}); pass one (--lr).")
+            raise ValueError(
+                f"method {self.name!r} has no default learning rate for {domain!r} "
+                f"(it has {sorted(self.rates)}); pass one (--lr)."
+            )
         return self.rates[domain]
 
     def liera_config(self, **fields: Any) -> LieRAConfig:
@@ -59,14 +63,16 @@ class Method:
             raise ValueError(f"method {self.name!r} is not one of liera's adapters (family {self.family!r}).")
         return LieRAConfig(**{**fields, **self.options})
 
-    def with_exp_map(self, exp_map: Optional[str]) -> "Method":
+    def with_exp_map(self, exp_map: str | None) -> Method:
         """This method under another exp map: a table entry when one matches (liera-taylor -> liera-exact), else
         the same method with its map replaced (liera-rms keeps its scaling)."""
         if exp_map is None or self.options.get("exp_map", TAYLOR) == exp_map:
             return self
         if not self.multiplicative:
-            raise ValueError(f"an exp map applies to LieRA's multiplicative methods "
-                             f"({', '.join(names(multiplicative=True))}), not to {self.name!r}.")
+            raise ValueError(
+                f"an exp map applies to LieRA's multiplicative methods "
+                f"({', '.join(names(multiplicative=True))}), not to {self.name!r}."
+            )
         if exp_map not in EXP_MAPS:
             raise ValueError(f"unknown exp map {exp_map!r}; use one of {list(EXP_MAPS)}.")
         options = {**self.options, "exp_map": exp_map}
@@ -79,21 +85,46 @@ class Method:
 # The LLM study's rates, each arm's chosen on the task's validation split with SmolLM2-135M (docs/results-llm.md);
 # experiments/records/llm/<task>-chosen.json holds the same numbers (tests/apps/test_lm.py compares them).
 LM_TASK_RATES: dict[str, dict[str, float]] = {
-    "wordnet-isa": {"lora": 3e-3, "liera-taylor": 1e-2, "liera-exact": 1e-2, "liera-rms": 3e-3, "peft-lora": 1e-3,
-                    "peft-dora": 1e-3, "peft-hira": 1e-2},
-    "drug-reviews": {"lora": 1e-3, "liera-taylor": 3e-3, "liera-exact": 3e-3, "liera-rms": 3e-3, "peft-lora": 1e-3,
-                     "peft-dora": 1e-3, "peft-hira": 1e-2},
+    "wordnet-isa": {
+        "lora": 3e-3,
+        "liera-taylor": 1e-2,
+        "liera-exact": 1e-2,
+        "liera-rms": 3e-3,
+        "peft-lora": 1e-3,
+        "peft-dora": 1e-3,
+        "peft-hira": 1e-2,
+    },
+    "drug-reviews": {
+        "lora": 1e-3,
+        "liera-taylor": 3e-3,
+        "liera-exact": 3e-3,
+        "liera-rms": 3e-3,
+        "peft-lora": 1e-3,
+        "peft-dora": 1e-3,
+        "peft-hira": 1e-2,
+    },
 }
 
 _TABLE = [
     Method("linear-probe", "linear probe", PROBE, rates={"image": 3e-2, "text": 1e-2}),
-    Method("lora", "LoRA (liera, additive update)", LIERA, {"update": ADDITIVE},
-           {"image": 3e-3, "text": 1e-3, "lm": 3e-3}),
-    Method("liera-taylor", "LieRA-Taylor (the paper's form)", LIERA, {"exp_map": TAYLOR},
-           {"image": 1e-3, "text": 3e-3, "lm": 1e-2}),
+    Method(
+        "lora", "LoRA (liera, additive update)", LIERA, {"update": ADDITIVE}, {"image": 3e-3, "text": 1e-3, "lm": 3e-3}
+    ),
+    Method(
+        "liera-taylor",
+        "LieRA-Taylor (the paper's form)",
+        LIERA,
+        {"exp_map": TAYLOR},
+        {"image": 1e-3, "text": 3e-3, "lm": 1e-2},
+    ),
     Method("liera-exact", "LieRA-exact", LIERA, {"exp_map": EXACT}, {"image": 1e-3, "text": 3e-3, "lm": 1e-2}),
-    Method("liera-rms", "LieRA-Taylor + rms scaling", LIERA, {"exp_map": TAYLOR, "layer_scaling": "rms"},
-           {"image": 3e-3, "text": 1e-3, "lm": 3e-3}),
+    Method(
+        "liera-rms",
+        "LieRA-Taylor + rms scaling",
+        LIERA,
+        {"exp_map": TAYLOR, "layer_scaling": "rms"},
+        {"image": 3e-3, "text": 1e-3, "lm": 3e-3},
+    ),
     Method("full", "full fine-tuning", FULL, rates={"image": 3e-4, "text": 5e-5, "lm": 5e-5}),
     Method("peft-lora", "PEFT LoRA", PEFT, {"peft": "lora"}, {"image": 3e-3, "text": 1e-3, "lm": 1e-3}),
     Method("peft-dora", "PEFT DoRA", PEFT, {"peft": "lora", "use_dora": True}, {"text": 1e-3, "lm": 1e-3}),
@@ -110,13 +141,22 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}.") from None
 
 
-def names(*, family: Optional[str] = None, domain: Optional[str] = None, multiplicative: Optional[bool] = None,
-          adapts: Optional[bool] = None) -> tuple[str, ...]:
+def names(
+    *,
+    family: str | None = None,
+    domain: str | None = None,
+    multiplicative: bool | None = None,
+    adapts: bool | None = None,
+) -> tuple[str, ...]:
     """Method names in table order, filtered by family, by having a default rate for a domain, and so on."""
-    return tuple(m.name for m in _TABLE
-                 if (family is None or m.family == family) and (domain is None or domain in m.rates)
-                 and (multiplicative is None or m.multiplicative == multiplicative)
-                 and (adapts is None or m.adapts == adapts))
+    return tuple(
+        m.name
+        for m in _TABLE
+        if (family is None or m.family == family)
+        and (domain is None or domain in m.rates)
+        and (multiplicative is None or m.multiplicative == multiplicative)
+        and (adapts is None or m.adapts == adapts)
+    )
 
 
 def label(name: str) -> str:

@@ -18,6 +18,7 @@ Two things keep PEFT from adapting a model such as EfficientNet-Lite0 as it is:
 Every other conv (groups = 1) gets PEFT's own ``lora.Conv2d``. DoRA and HiRA get no grouped-conv layer (PEFT
 refuses groups > 1 for them). This module imports peft; liera.apps.training imports it only for PEFT's arms.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,11 @@ class GroupedConv2d(nn.Conv2d):
 
 
 def _pads_itself(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and type(module) not in (nn.Conv2d, GroupedConv2d)
-            and isinstance(getattr(module, "static_padding", None), nn.Module))
+    return (
+        isinstance(module, nn.Conv2d)
+        and type(module) not in (nn.Conv2d, GroupedConv2d)
+        and isinstance(getattr(module, "static_padding", None), nn.Module)
+    )
 
 
 def plain_convs(model: nn.Module) -> dict[str, str]:
@@ -53,9 +57,16 @@ def plain_convs(model: nn.Module) -> dict[str, str]:
             continue
         cls = GroupedConv2d if conv.groups > 1 else nn.Conv2d
         with torch.device("meta"):  # no throwaway initialization; the real Parameters are set below
-            plain = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=tuple(conv.stride),
-                        padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                        bias=conv.bias is not None)
+            plain = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=tuple(conv.stride),
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+            )
         plain.weight = conv.weight
         plain.bias = conv.bias
         parent, _, child = name.rpartition(".")
@@ -68,8 +79,9 @@ class GroupedConvLora(nn.Module, LoraLayer):
     """PEFT LoRA layer for a grouped conv (see the module docstring), dispatched by PEFT for GroupedConv2d
     through `LoraConfig._register_custom_module({GroupedConv2d: GroupedConvLora})`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs
+    ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
@@ -79,15 +91,17 @@ class GroupedConvLora(nn.Module, LoraLayer):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         if config.use_dora or config.use_rslora or config.lora_bias or config.init_lora_weights not in (True, False):
-            raise ValueError("the grouped-conv LoRA layer supports plain LoRA only (no DoRA, rsLoRA, "
-                             "lora_bias or special initializations)")
+            raise ValueError(
+                "the grouped-conv LoRA layer supports plain LoRA only (no DoRA, rsLoRA, "
+                "lora_bias or special initializations)"
+            )
         weight = self.base_weight()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A[adapter_name] = nn.Linear(weight[0].numel(), r, bias=False)  # A: (r, in/groups*kh*kw)
-        self.lora_B[adapter_name] = nn.Linear(r, weight.shape[0], bias=False)   # B: (out, r)
+        self.lora_B[adapter_name] = nn.Linear(r, weight.shape[0], bias=False)  # B: (out, r)
         self.lora_bias[adapter_name] = False
         self.use_rslora[adapter_name] = False
         self.use_dora[adapter_name] = False
@@ -144,14 +158,26 @@ class GroupedConvLora(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_modules, head: str | None = None,
-             dropout: float = 0.0):
+def peft_arm(
+    model: nn.Module,
+    method: Method,
+    *,
+    r: int,
+    alpha: float,
+    target_modules,
+    head: str | None = None,
+    dropout: float = 0.0,
+):
     """PEFT's own adapter (method.options: {"peft": "lora" | "hira", "use_dora": ...}) on the layers liera's arms
     adapt for `target_modules` (model changed in place); the head, if any, is trained in full (modules_to_save).
     Returns (peft model, note)."""
     saved = [head] if head else None
-    names = [t.path for t in find_targets(model, LieRAConfig(r=r, target_modules=target_modules, modules_to_save=saved,
-                                                             exclude_modules=saved))]
+    names = [
+        t.path
+        for t in find_targets(
+            model, LieRAConfig(r=r, target_modules=target_modules, modules_to_save=saved, exclude_modules=saved)
+        )
+    ]
     moved = plain_convs(model)
     names = [moved.get(n, n) for n in names]
     exact = "|".join(re.escape(n) for n in names)  # exactly these paths
@@ -159,9 +185,15 @@ def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_m
     kind = method.options["peft"]
     config: LoraConfig | HiraConfig
     if kind == "lora":
-        # PEFT annotates lora_alpha as int; any number works (it only enters scaling = alpha / r)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]
-                            modules_to_save=saved, target_modules=exact, **options)
+        config = LoraConfig(
+            r=r,
+            # PEFT annotates lora_alpha as int; any number works (it only enters scaling = alpha / r)
+            lora_alpha=alpha,  # type: ignore[arg-type]
+            lora_dropout=dropout,
+            modules_to_save=saved,
+            target_modules=exact,
+            **options,
+        )
         if not options.get("use_dora"):
             config._register_custom_module({GroupedConv2d: GroupedConvLora})
     elif kind == "hira":  # HiRA has no alpha: W + W * (B @ A)
@@ -170,7 +202,10 @@ def peft_arm(model: nn.Module, method: Method, *, r: int, alpha: float, target_m
         raise ValueError(f"method {method.name!r}: unknown PEFT method {kind!r}")
     wrapped = get_peft_model(model, config)
     n_grouped = sum(isinstance(m, GroupedConvLora) for m in wrapped.modules())
-    grouped = (f" ({n_grouped} grouped convs through a custom PEFT LoRA layer: PEFT's own needs r % groups == 0)"
-               if n_grouped else "")
+    grouped = (
+        f" ({n_grouped} grouped convs through a custom PEFT LoRA layer: PEFT's own needs r % groups == 0)"
+        if n_grouped
+        else ""
+    )
     note = f"{method.label} on {len(names)} layers{grouped}"
     return wrapped, note

@@ -1,5 +1,6 @@
 """What long work shows: progress bars (tqdm when it is installed, else nothing), and transformers kept quiet while
 it loads a model (its load reports and bars are noise where the user asked for nothing new)."""
+
 from __future__ import annotations
 
 import contextlib

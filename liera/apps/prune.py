@@ -14,12 +14,14 @@ norms in one pass on the dense model, and goes through the deprecated ``torch.ao
 llm-compressor would downgrade transformers (5.25 -> 5.17) and huggingface_hub. docs/results-sparse.md has the
 record. Pruned entries are written as +0.0, so a keep_zeros adapter keeps exactly these bits.
 """
+
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +41,8 @@ class PruneSpec:
     """What to prune: a method and either an unstructured fraction or an N:M pattern."""
 
     method: str = "wanda"
-    sparsity: Optional[float] = None
-    nm: Optional[tuple[int, int]] = None
+    sparsity: float | None = None
+    nm: tuple[int, int] | None = None
 
     def __str__(self) -> str:
         amount = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:g}"
@@ -48,7 +50,14 @@ class PruneSpec:
 
     @property
     def target_fraction(self) -> float:
-        return 1.0 - self.nm[0] / self.nm[1] if self.nm else float(self.sparsity)
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else _fraction(self.sparsity)
+
+
+def _fraction(sparsity: float | None) -> float:
+    """The unstructured fraction to prune, where no N:M pattern is given."""
+    if sparsity is None:
+        raise TypeError("pruning needs a sparsity fraction or an N:M pattern; got neither.")
+    return float(sparsity)
 
 
 def parse_prune(text: str) -> PruneSpec:
@@ -62,8 +71,9 @@ def parse_prune(text: str) -> PruneSpec:
         try:
             fraction = float(parts[0])
         except ValueError:
-            raise ValueError(f"--prune {text!r}: unknown method or amount {parts[0]!r}; methods are {list(METHODS)}; "
-                             f"{hint}.") from None
+            raise ValueError(
+                f"--prune {text!r}: unknown method or amount {parts[0]!r}; methods are {list(METHODS)}; {hint}."
+            ) from None
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"--prune {text!r}: the fraction pruned must be in (0, 1), got {fraction}; {hint}.")
         return PruneSpec(method, sparsity=fraction)
@@ -89,28 +99,32 @@ def nm_mask(score: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
     """Prune the m - n lowest scores of every m consecutive entries along ``dim`` (leaving at most n non-zeros)."""
     groups = nm_groups(score, m, dim)
     if groups is None:
-        raise ValueError(f"an {n}:{m} pattern needs the input axis (dim {dim}, length "
-                         f"{score.shape[dim] if score.dim() > dim else 'none'}) to be a multiple of {m}.")
+        raise ValueError(
+            f"an {n}:{m} pattern needs the input axis (dim {dim}, length "
+            f"{score.shape[dim] if score.dim() > dim else 'none'}) to be a multiple of {m}."
+        )
     moved = score.movedim(dim, -1)
     return lowest_in_rows(groups, m - n).reshape(moved.shape).movedim(-1, dim)
 
 
-def magnitude_mask(weight: Tensor, sparsity: Optional[float] = None, nm: Optional[tuple[int, int]] = None,
-                   dim: int = 1) -> Tensor:
+def magnitude_mask(
+    weight: Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None, dim: int = 1
+) -> Tensor:
     """Magnitude pruning: the int(sparsity * numel) smallest |W| of the layer, or N:M along ``dim``."""
     score = weight.detach().abs().float()
     if nm is not None:
         return nm_mask(score, nm[0], nm[1], dim)
-    return lowest_in_rows(score.reshape(1, -1), int(score.numel() * float(sparsity))).reshape(score.shape)
+    return lowest_in_rows(score.reshape(1, -1), int(score.numel() * _fraction(sparsity))).reshape(score.shape)
 
 
-def wanda_mask(weight: Tensor, input_norm: Tensor, sparsity: Optional[float] = None,
-               nm: Optional[tuple[int, int]] = None) -> Tensor:
+def wanda_mask(
+    weight: Tensor, input_norm: Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None
+) -> Tensor:
     """Wanda on an (out, in) weight: score |W_ij| * ||X_j||; per output row the int(sparsity * in) lowest, or N:M."""
     score = weight.detach().abs().float() * input_norm.float().reshape(1, -1)
     if nm is not None:
         return nm_mask(score, nm[0], nm[1], 1)
-    return lowest_in_rows(score, int(score.shape[1] * float(sparsity)))
+    return lowest_in_rows(score, int(score.shape[1] * _fraction(sparsity)))
 
 
 # ====================================================================== pruning a model
@@ -146,10 +160,16 @@ def _default_run(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def prune_model(model: nn.Module, spec: Union[PruneSpec, str], target_modules: Union[str, list[str]] = "all-linear",
-                exclude_modules: Optional[Union[str, list[str]]] = None, calibration: Optional[Iterable[Any]] = None,
-                run: Callable[[nn.Module, Any], Any] = _default_run, stage_pattern: Optional[str] = None,
-                strict_nm: bool = False) -> PruneResult:
+def prune_model(
+    model: nn.Module,
+    spec: PruneSpec | str,
+    target_modules: str | list[str] = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+    calibration: Iterable[Any] | None = None,
+    run: Callable[[nn.Module, Any], Any] = _default_run,
+    stage_pattern: str | None = None,
+    strict_nm: bool = False,
+) -> PruneResult:
     """Prune the weights ``target_modules`` names (LieRAConfig's rules) in place and report their sparsity.
 
     calibration: the batches Wanda runs (``run(model, batch)``; a dict is passed as keywords); magnitude needs none.
@@ -162,29 +182,43 @@ def prune_model(model: nn.Module, spec: Union[PruneSpec, str], target_modules: U
     if spec.method not in METHODS:
         raise ValueError(f"unknown pruning method {spec.method!r}; use one of {list(METHODS)}.")
     if any(adapted_weights_of(m) for m in model.modules()):
-        raise ValueError("this model already carries liera adapters; prune the base model first, then add the adapter "
-                         "with keep_zeros=True (get_liera_model(model, LieRAConfig(..., keep_zeros=True))).")
+        raise ValueError(
+            "this model already carries liera adapters; prune the base model first, then add the adapter "
+            "with keep_zeros=True (get_liera_model(model, LieRAConfig(..., keep_zeros=True)))."
+        )
     targets = find_targets(model, LieRAConfig(target_modules=target_modules, exclude_modules=exclude_modules))
     skipped: dict[str, str] = {}
     if spec.nm is not None:
         for t in targets:
             if nm_groups(t.weight, spec.nm[1], t.input_axis) is None:
-                skipped[t.key] = f"input axis of length {t.weight.shape[t.input_axis]} is not a multiple of {spec.nm[1]}"
+                skipped[t.key] = (
+                    f"input axis of length {t.weight.shape[t.input_axis]} is not a multiple of {spec.nm[1]}"
+                )
         if skipped and strict_nm:
-            raise ValueError(f"{spec}: {len(skipped)} weights cannot hold the pattern: {skipped}; leave them out "
-                             f"(exclude_modules) or prune them unstructured.")
+            raise ValueError(
+                f"{spec}: {len(skipped)} weights cannot hold the pattern: {skipped}; leave them out "
+                f"(exclude_modules) or prune them unstructured."
+            )
         targets = [t for t in targets if t.key not in skipped]
+    batches: list[Any] = []  # Wanda's calibration batches
     if spec.method == "wanda":
-        odd = [t.key for t in targets if t.weight.dim() != 2 or t.kind is None
-               or t.kind.layout not in (WeightLayout.OUT_IN, WeightLayout.IN_OUT)]
+        odd = [
+            t.key
+            for t in targets
+            if t.weight.dim() != 2 or t.kind is None or t.kind.layout not in (WeightLayout.OUT_IN, WeightLayout.IN_OUT)
+        ]
         if odd:
-            raise ValueError(f"Wanda scores the inputs of linear layers (nn.Linear, GPT-2 Conv1D); {odd[:4]} are not "
-                             f"one. Prune convolutions and other weights with magnitude:..., or leave them out.")
+            raise ValueError(
+                f"Wanda scores the inputs of linear layers (nn.Linear, GPT-2 Conv1D); {odd[:4]} are not "
+                f"one. Prune convolutions and other weights with magnitude:..., or leave them out."
+            )
         if calibration is None:
-            raise ValueError("Wanda needs calibration batches (its score is |W| times the norm of each input over "
-                             "calibration tokens); pass calibration=[...] or use magnitude pruning.")
-        calibration = list(calibration)
-        if not calibration:
+            raise ValueError(
+                "Wanda needs calibration batches (its score is |W| times the norm of each input over "
+                "calibration tokens); pass calibration=[...] or use magnitude pruning."
+            )
+        batches = list(calibration)
+        if not batches:
             raise ValueError("Wanda got an empty calibration set; pass at least one batch.")
     start = time.perf_counter()
     if spec.method == "magnitude":
@@ -192,12 +226,12 @@ def prune_model(model: nn.Module, spec: Union[PruneSpec, str], target_modules: U
             for t in targets:
                 t.weight.masked_fill_(magnitude_mask(t.weight, spec.sparsity, spec.nm, t.input_axis), 0.0)
     else:
-        _wanda(model, targets, spec, calibration, run, stage_pattern)
+        _wanda(model, targets, spec, batches, run, stage_pattern)
     rows = [layer_sparsity(t.key, t.weight, [spec.nm] if spec.nm else [(2, 4)], dim=t.input_axis) for t in targets]
     return PruneResult(spec, rows, skipped, time.perf_counter() - start)
 
 
-def _stages(targets: list[Target], pattern: Optional[str]) -> list[list[Target]]:
+def _stages(targets: list[Target], pattern: str | None) -> list[list[Target]]:
     order: dict[str, list[Target]] = {}
     for t in targets:
         hit = re.match(pattern, t.path) if pattern is not None else None
@@ -214,11 +248,12 @@ def _wanda(model: nn.Module, targets: list[Target], spec: PruneSpec, calibration
             seen: set[str] = set()
             hooks = []
             for t in stage:
-                def pre(module, args, kwargs=None, key=t.key):
+                # hooks of this stage only (removed below): they bind this stage's accumulators explicitly
+                def pre(module, args, kwargs=None, key=t.key, sums=sums):
                     x = args[0].detach()
                     sums[key] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
 
-                def post(module, args, output, key=t.key):
+                def post(module, args, output, key=t.key, seen=seen, stage=stage):
                     seen.add(key)
                     if len(seen) == len(stage):
                         raise _StageDone
@@ -237,8 +272,10 @@ def _wanda(model: nn.Module, targets: list[Target], spec: PruneSpec, calibration
                     h.remove()
             silent = [t.key for t in stage if not bool(sums[t.key].any())]
             if silent:
-                raise ValueError(f"Wanda: {silent} never saw a non-zero input on the calibration batches (the "
-                                 f"layers do not run in this forward?); leave them out or use magnitude pruning.")
+                raise ValueError(
+                    f"Wanda: {silent} never saw a non-zero input on the calibration batches (the "
+                    f"layers do not run in this forward?); leave them out or use magnitude pruning."
+                )
             with torch.no_grad():
                 for t in stage:
                     mask = wanda_mask(_matrix(t), sums[t.key].sqrt(), spec.sparsity, spec.nm)
@@ -249,7 +286,7 @@ def _wanda(model: nn.Module, targets: list[Target], spec: PruneSpec, calibration
 
 
 # ====================================================================== after training
-def zero_masks(model: nn.Module, keys: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
+def zero_masks(model: nn.Module, keys: Sequence[str] | None = None) -> dict[str, Tensor]:
     """weight key -> where it is zero now (for re-masking a merged additive adapter, the common practice)."""
     rows = {t.key: t for t in _kind_targets(model)}
     return {k: (t.weight == 0).detach().clone() for k, t in rows.items() if keys is None or k in keys}
@@ -269,8 +306,12 @@ def apply_zero_masks(model: nn.Module, masks: dict[str, Tensor]) -> int:
 
 def _kind_targets(model: nn.Module) -> list[Target]:
     """A Target for the weight of every module of a layer kind liera knows (what model_sparsity reports)."""
-    return [Target(name, m, kind.weight_name, kind) for name, m in model.named_modules()
-            for kind in [kind_of(m)] if kind is not None and m._parameters.get(kind.weight_name) is not None]
+    return [
+        Target(name, m, kind.weight_name, kind)
+        for name, m in model.named_modules()
+        for kind in [kind_of(m)]
+        if kind is not None and m._parameters.get(kind.weight_name) is not None
+    ]
 
 
 def deployed_sparsity(model: nn.Module, patterns: Sequence[tuple[int, int]] = ((2, 4),)) -> list[LayerSparsity]:

@@ -1,4 +1,5 @@
 """Small, local text datasets (nothing is downloaded). See tools/make_wordnet_data.py for how they were built."""
+
 from __future__ import annotations
 
 import gzip
@@ -23,10 +24,14 @@ def wordnet_lex_1k() -> TextTask:
         names[int(row["label"])] = row["label_name"]
     classes = [names[i] for i in range(len(names))]
     split = {s: [r for r in rows if r["split"] == s] for s in ("train", "test")}
-    return TextTask("wordnet-lex-1k", [r["text"] for r in split["train"]],
-                    np.array([int(r["label"]) for r in split["train"]], dtype=np.int64),
-                    [r["text"] for r in split["test"]],
-                    np.array([int(r["label"]) for r in split["test"]], dtype=np.int64), classes)
+    return TextTask(
+        "wordnet-lex-1k",
+        [r["text"] for r in split["train"]],
+        np.array([int(r["label"]) for r in split["train"]], dtype=np.int64),
+        [r["text"] for r in split["test"]],
+        np.array([int(r["label"]) for r in split["test"]], dtype=np.int64),
+        classes,
+    )
 
 
 def text_validation_split(task: TextTask, fraction: float = 0.2, seed: int = 0) -> TextTask:
@@ -38,5 +43,4 @@ def text_validation_split(task: TextTask, fraction: float = 0.2, seed: int = 0) 
         idx = rng.permutation(np.flatnonzero(task.train_y == c))
         mask[idx[: max(1, int(round(len(idx) * fraction)))]] = True
     pick = lambda m: [t for t, k in zip(task.train_text, m, strict=True) if k]  # noqa: E731
-    return TextTask(f"{task.name}-val", pick(~mask), task.train_y[~mask], pick(mask), task.train_y[mask],
-                    task.classes)
+    return TextTask(f"{task.name}-val", pick(~mask), task.train_y[~mask], pick(mask), task.train_y[mask], task.classes)

@@ -14,6 +14,7 @@ Optional hooks: ``delta_rows(index)`` (only the rows an embedding lookup touches
 buffer (``layer_scale``) so that it is saved with the adapter and a reloaded adapter acts identically
 (docs/concepts.md, "Conditioning the step across layers").
 """
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,11 @@ def rms_scale(weight: Tensor) -> float:
     """1 / rms(W): the factor that gives every layer the same typical relative step under LieRA."""
     rms = float(weight.detach().double().pow(2).mean().sqrt())
     if not math.isfinite(rms) or rms == 0.0:
-        raise ValueError(f"layer_scaling='rms' needs a weight with a finite, non-zero rms; this one "
-                         f"({tuple(weight.shape)}) has rms {rms}. Leave the layer out (exclude_modules) or use "
-                         f"layer_scaling='none'.")
+        raise ValueError(
+            f"layer_scaling='rms' needs a weight with a finite, non-zero rms; this one "
+            f"({tuple(weight.shape)}) has rms {rms}. Leave the layer out (exclude_modules) or use "
+            f"layer_scaling='none'."
+        )
     return 1.0 / rms
 
 
@@ -45,9 +48,18 @@ class Generator(nn.Module):
     form: ClassVar[str] = "not exposed as one product B @ A"
     """D in words, for the error of a tool that needs one product B @ A (say why this generator is not one)."""
 
-    def __init__(self, weight: Tensor, *, r: int, alpha: float, use_rslora: bool = False,
-                 init_weights: bool | str = True, dtype: torch.dtype | None = None, layer_scaling: str = "none",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        *,
+        r: int,
+        alpha: float,
+        use_rslora: bool = False,
+        init_weights: bool | str = True,
+        dtype: torch.dtype | None = None,
+        layer_scaling: str = "none",
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(f"generator {self.name!r} got unknown generator_kwargs {sorted(kwargs)}")
@@ -58,8 +70,9 @@ class Generator(nn.Module):
         self.alpha = float(alpha)
         self.base_scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
         if layer_scaling == "rms":  # a buffer: saved with the adapter, restored on load
-            self.register_buffer("layer_scale", torch.tensor(rms_scale(weight), dtype=torch.float32,
-                                                             device=weight.device))
+            self.register_buffer(
+                "layer_scale", torch.tensor(rms_scale(weight), dtype=torch.float32, device=weight.device)
+            )
         self.init_weights = init_weights
         self.param_dtype = dtype or torch.float32
         # where and how new tensors are made (Any: torch's factory overloads take it as keyword arguments)
@@ -111,8 +124,10 @@ class Generator(nn.Module):
     def unmerge_transform(self, merged: Tensor) -> Tensor:
         """Undo merge_transform (identity for pure group actions)."""
         if type(self).transform is not Generator.transform:
-            raise NotImplementedError(f"generator {self.name!r} transforms the weight but cannot undo it on unmerge; "
-                                      f"merge with keep_merge_copy=True instead.")
+            raise NotImplementedError(
+                f"generator {self.name!r} transforms the weight but cannot undo it on unmerge; "
+                f"merge with keep_merge_copy=True instead."
+            )
         return merged
 
     def forward(self, *args: Tensor, rows: Tensor | None = None, transform: bool = False) -> Tensor:

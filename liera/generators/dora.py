@@ -5,6 +5,7 @@ axes), so W_eff == W at init. As in the DoRA paper, ||V|| is treated as a consta
 (``generator_kwargs={"detach_norm": False}`` gives the exact gradient instead). A merge
 records ||V|| per channel (a vector, not a weight copy), which is what the unmerge needs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,10 @@ class DoRAGenerator(LoRAGenerator):
 
     def unmerge_transform(self, merged: Tensor) -> Tensor:
         if self.merged_norm is None:
-            raise RuntimeError("DoRA unmerge needs the norm recorded at merge time; it is missing (was the model "
-                               "merged in another process?). Reload the base weights instead.")
+            raise RuntimeError(
+                "DoRA unmerge needs the norm recorded at merge time; it is missing (was the model "
+                "merged in another process?). Reload the base weights instead."
+            )
         out = merged * _per_row(self.merged_norm.to(merged.dtype) / self.magnitude.to(merged.dtype), merged)
         self.merged_norm = None
         return out

@@ -1,4 +1,5 @@
 """LoHa: D = s * (B1 @ A1) * (B2 @ A2), a Hadamard product of two rank-r factors (rank up to r^2)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -3,6 +3,7 @@
 C (o1, i1) is a small full matrix; B @ A (o2, i2) has rank r. The split takes the divisor of each
 dimension closest to its square root (the smaller factor goes to C), as LyCORIS does by default.
 """
+
 from __future__ import annotations
 
 import math

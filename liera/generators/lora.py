@@ -1,4 +1,5 @@
 """LoRA generator: D = s * reshape(B @ A, W.shape), W matricised as (W.shape[0], prod(W.shape[1:]))."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ D = s * (B @ A - B0 @ A0), where B0, A0 are frozen copies of the initial factors
 weight-sized one, no division by W). Naively using PiSSA's B @ A inside the multiplicative update would
 start far from the identity (the PiSSA + LieRA collapse reported against the official code).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,11 @@ class _SVDInitGenerator(Generator):
 
     def __init__(self, weight: Tensor, *, init_iters: int | None = None, **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
-        w = weight.detach().reshape(self.out_dim, self.in_dim).to(torch.float32 if weight.dtype != torch.float64
-                                                                 else torch.float64)
+        w = (
+            weight.detach()
+            .reshape(self.out_dim, self.in_dim)
+            .to(torch.float32 if weight.dtype != torch.float64 else torch.float64)
+        )
         r = min(self.r, *w.shape)
         if init_iters and not self.minor:
             q = min(r + 8, *w.shape)  # oversampling keeps the leading triplets accurate

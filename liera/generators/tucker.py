@@ -3,6 +3,7 @@
 Each mode k has rank min(r, W.shape[k]); for a 2-D weight this is U1 @ core @ U2^T, LoRA's function
 class with an r x r core. U1 starts at zero, so D = 0 at init (FLoRA-style for convolution kernels).
 """
+
 from __future__ import annotations
 
 import math

@@ -11,14 +11,25 @@
 
 diffusers models need no bridge: a UNet is a plain nn.Module (docs/interop.md).
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-_LAZY = {"export_peft": "hira", "import_peft": "hira", "LieRATrainer": "trainer", "LieRASaveCallback": "trainer",
-         "merge_file": "statedict", "inspect_adapter": "statedict", "LieraConfig": "peft", "LieraModel": "peft",
-         "LieraLayer": "peft", "liera_to_peft": "peft", "peft_to_liera": "peft"}
+_LAZY = {
+    "export_peft": "hira",
+    "import_peft": "hira",
+    "LieRATrainer": "trainer",
+    "LieRASaveCallback": "trainer",
+    "merge_file": "statedict",
+    "inspect_adapter": "statedict",
+    "LieraConfig": "peft",
+    "LieraModel": "peft",
+    "LieraLayer": "peft",
+    "liera_to_peft": "peft",
+    "peft_to_liera": "peft",
+}
 __all__ = sorted(_LAZY)
 
 

@@ -7,6 +7,7 @@ raw target parameters, layer kinds that declare no weight layout) and is refused
 anything is read or written. What can be exported is read from typed fields, not names: a generator's
 ``single_product`` / ``transforms_weight()`` and a layer kind's ``layout``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ PathLike = str | os.PathLike
 def generator_refusal(cls: type[Generator]) -> str | None:
     """Why HiRA cannot hold this generator's adapter (None: it can), from the class's typed capabilities alone."""
     if cls.transforms_weight():
-        return (f"generator={cls.name!r} (W_eff = {cls.form}; HiRA has no step after W + W * D, so only a "
-                f"generator without transform() exports)")
+        return (
+            f"generator={cls.name!r} (W_eff = {cls.form}; HiRA has no step after W + W * D, so only a "
+            f"generator without transform() exports)"
+        )
     if not cls.single_product:
         return f"generator={cls.name!r} (its D = {cls.form}; HiRA's D is one plain product B @ A)"
     return None
@@ -46,8 +49,10 @@ def _layout(key: str, owner: nn.Module, param_name: str) -> tuple[WeightLayout |
     if kind is None or param_name != kind.weight_name:
         return None, f"{key} is a target parameter (HiRA adapts modules only)"
     if kind.layout is None:
-        return None, (f"{key} is a {kind.name}, whose LayerKind declares no weight layout (set layout=WeightLayout...."
-                      f" on it, so that the export knows how W is stored)")
+        return None, (
+            f"{key} is a {kind.name}, whose LayerKind declares no weight layout (set layout=WeightLayout...."
+            f" on it, so that the export knows how W is stored)"
+        )
     if isinstance(owner, nn.modules.conv._ConvTransposeNd):
         return None, f"{key} is a transposed convolution (HiRA has none)"
     if int(getattr(owner, "groups", 1)) > 1:
@@ -75,8 +80,9 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: str |
             why.append(reason)
         layouts[key] = layout
     if why:
-        raise ValueError("this adapter has no exact PEFT HiRA equivalent: " + "; ".join(why[:6]) +
-                         (" ..." if len(why) > 6 else ""))
+        raise ValueError(
+            "this adapter has no exact PEFT HiRA equivalent: " + "; ".join(why[:6]) + (" ..." if len(why) > 6 else "")
+        )
     layers: list[tuple[str, WeightLayout | None, torch.Size, Tensor, Tensor]] = []
     for key, owner, adapted in adapted_here:  # every check passed: now read the factors
         b, a = (f.detach().float() for f in adapted[name].factors())
@@ -92,8 +98,10 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: str |
         if layout is WeightLayout.OUT_IN:
             out = {"hira_A": a, "hira_B": b}
         elif layout is WeightLayout.KERNEL:
-            out = {"hira_A": a.reshape(rank, *weight_shape[1:]),
-                   "hira_B": b.reshape(b.shape[0], rank, *([1] * (len(weight_shape) - 2)))}
+            out = {
+                "hira_A": a.reshape(rank, *weight_shape[1:]),
+                "hira_B": b.reshape(b.shape[0], rank, *([1] * (len(weight_shape) - 2))),
+            }
         elif layout is WeightLayout.TABLE:
             out = {"hira_embedding_A": b.t(), "hira_embedding_B": a.t()}
         elif layout is WeightLayout.IN_OUT:  # GPT-2 Conv1D keeps W as (in, out); PEFT transposes B @ A for it
@@ -104,13 +112,23 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: str |
             tensors[f"{PREFIX}{path}.{suffix}"] = t.contiguous()
     for key, t in model.get_adapter_state_dict(name).items():
         if key.startswith(MODULES_TO_SAVE + "."):
-            tensors[PREFIX + key[len(MODULES_TO_SAVE) + 1:]] = t.float().contiguous()
+            tensors[PREFIX + key[len(MODULES_TO_SAVE) + 1 :]] = t.float().contiguous()
     config: dict[str, Any] = {
-        "peft_type": "HIRA", "task_type": None, "r": rank, "target_modules": sorted(p for p, *_ in layers),
-        "rank_pattern": {}, "hira_dropout": cfg.dropout,
-        "init_weights": True, "fan_in_fan_out": False, "modules_to_save": cfg.modules_to_save,
-        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
-        "base_model_name_or_path": None, "revision": None,
+        "peft_type": "HIRA",
+        "task_type": None,
+        "r": rank,
+        "target_modules": sorted(p for p, *_ in layers),
+        "rank_pattern": {},
+        "hira_dropout": cfg.dropout,
+        "init_weights": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": cfg.modules_to_save,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
     }
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -119,19 +137,23 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: str |
     io.atomic_write(directory / io.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                is_trainable: bool = False) -> LieRAModel:
+def import_peft(
+    model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
+) -> LieRAModel:
     """Load a PEFT HiRA adapter as a liera adapter (LieRA-Taylor, LoRA generator, scale folded in)."""
     directory = Path(directory)
     config_path, weights_path = directory / io.CONFIG_NAME, directory / io.WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not a PEFT adapter directory (needs {io.CONFIG_NAME} and "
-                                f"{io.WEIGHTS_NAME}).")
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a PEFT adapter directory (needs {io.CONFIG_NAME} and {io.WEIGHTS_NAME})."
+        )
     peft_cfg = json.loads(config_path.read_text())
     kind = peft_cfg.get("peft_type")
     if kind != "HIRA":
-        raise ValueError(f"{str(directory)!r} holds a PEFT {kind!r} adapter; liera.import_peft reads HiRA adapters "
-                         f"only (HiRA is LieRA-Taylor); load {kind} adapters with peft itself.")
+        raise ValueError(
+            f"{str(directory)!r} holds a PEFT {kind!r} adapter; liera.import_peft reads HiRA adapters "
+            f"only (HiRA is LieRA-Taylor); load {kind} adapters with peft itself."
+        )
     raw = load_file(str(weights_path))
     base = model.base_model if isinstance(model, LieRAModel) else model
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -139,11 +161,11 @@ def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = DEFAU
     for key, t in raw.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"unexpected key {key!r} in {weights_path} (PEFT keys start with {PREFIX!r}).")
-        path, _, suffix = key[len(PREFIX):].rpartition(".")
+        path, _, suffix = key[len(PREFIX) :].rpartition(".")
         if suffix.startswith("hira_"):
             factors.setdefault(path, {})[suffix] = t
         else:
-            saved[key[len(PREFIX):]] = t
+            saved[key[len(PREFIX) :]] = t
     tensors, ranks = {}, {}
     for path, f in factors.items():
         try:
@@ -169,10 +191,17 @@ def import_peft(model: nn.Module, directory: PathLike, adapter_name: str = DEFAU
     for key, t in saved.items():
         tensors[f"{MODULES_TO_SAVE}.{key}"] = t
     r = int(peft_cfg.get("r") or max(ranks.values()))
-    config = LieRAConfig(r=r, alpha=float(r), target_modules=sorted(ranks), exp_map=TAYLOR, generator="lora",
-                         dropout=float(peft_cfg.get("hira_dropout") or 0.0), modules_to_save=modules_to_save,
-                         rank_pattern={p: k for p, k in ranks.items() if k != r},
-                         alpha_pattern={p: float(k) for p, k in ranks.items() if k != r})
+    config = LieRAConfig(
+        r=r,
+        alpha=float(r),
+        target_modules=sorted(ranks),
+        exp_map=TAYLOR,
+        generator="lora",
+        dropout=float(peft_cfg.get("hira_dropout") or 0.0),
+        modules_to_save=modules_to_save,
+        rank_pattern={p: k for p, k in ranks.items() if k != r},
+        alpha_pattern={p: float(k) for p, k in ranks.items() if k != r},
+    )
     if isinstance(model, LieRAModel):
         model.add_adapter(adapter_name, config, state_dict=tensors, is_trainable=is_trainable)
         return model

@@ -11,6 +11,7 @@ A folder PEFT writes for this method says ``"peft_type": "LIERA"`` and ``"requir
 liera.integrations.peft"`` in adapter_config.json: PEFT reads it only after that import. ``liera_to_peft`` and
 ``peft_to_liera`` convert folders between this format and liera's own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,10 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import peft
 from packaging.specifiers import SpecifierSet
@@ -33,9 +35,11 @@ def check_peft_version(version: str) -> None:
     """Raise ImportError unless ``version`` is in SUPPORTED_PEFT: this module follows PEFT's tuner contract
     (BaseTuner / BaseTunerLayer internals), which changes between PEFT's minor versions."""
     if not SpecifierSet(SUPPORTED_PEFT).contains(Version(version), prereleases=True):
-        raise ImportError(f"liera.integrations.peft supports peft{SUPPORTED_PEFT}, but peft {version} is installed. "
-                          f"Install a supported version (pip install 'peft{SUPPORTED_PEFT}'), or use liera's own API "
-                          f"(liera.get_liera_model), which needs no PEFT.")
+        raise ImportError(
+            f"liera.integrations.peft supports peft{SUPPORTED_PEFT}, but peft {version} is installed. "
+            f"Install a supported version (pip install 'peft{SUPPORTED_PEFT}'), or use liera's own API "
+            f"(liera.get_liera_model), which needs no PEFT."
+        )
 
 
 check_peft_version(peft.__version__)
@@ -55,25 +59,34 @@ from ..config import PEFT_IMPORT, PEFT_TYPE, TARGET_SHORTCUTS, LieRAConfig  # no
 from ..layers import kind_of, supported_kinds_text  # noqa: E402
 from ..names import name_matches  # noqa: E402
 from ..targeting import MODULES_TO_SAVE, find_targets  # noqa: E402
-from ..weight import (AdaptedWeight, build_adapter, check_mergeable, float_weight, quantization_of,  # noqa: E402
-                      quantized_forward, redirect)
+from ..weight import (  # noqa: E402
+    AdaptedWeight,
+    build_adapter,
+    check_mergeable,
+    float_weight,
+    quantization_of,
+    quantized_forward,
+    redirect,
+)
 from .statedict import adapters_by_weight  # noqa: E402
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
-PREFIX = "liera_"                  # PEFT's method prefix: every adapter parameter name contains it
+PREFIX = "liera_"  # PEFT's method prefix: every adapter parameter name contains it
 # the LieraLayer attribute with the AdaptedWeight; file keys <path>.liera_adapters.<tensor>
 ADAPTERS = "liera_adapters"
-BASE_LAYER = "base_layer"          # PEFT's name for the module a tuner layer wraps
+BASE_LAYER = "base_layer"  # PEFT's name for the module a tuner layer wraps
 PEFT_KEY_PREFIX = "base_model.model."  # what PEFT's files put before module paths
-SAVED = MODULES_TO_SAVE + "."      # liera's file keys of modules trained in full: modules_to_save.<path>.<param>
+SAVED = MODULES_TO_SAVE + "."  # liera's file keys of modules trained in full: modules_to_save.<path>.<param>
 BIASES = ("none", "all", "liera_only")
 # LieRAConfig field -> LieraConfig field, where PEFT's naming convention differs (LoraConfig's lora_alpha, lora_dropout)
 RENAMED = {"alpha": "liera_alpha", "dropout": "liera_dropout"}
 # Default targets per transformers model type (used when target_modules is None): PEFT's LoRA table, and for LLaMA
 # the projections the LieRA paper adapts.
-TARGET_MODULE_MAPPING = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-                         "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
+TARGET_MODULE_MAPPING = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "llama": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+}
 
 
 # ---------------------------------------------------------------------------------------------- PeftType member
@@ -85,8 +98,9 @@ def _add_peft_type(name: str) -> PeftType:
         return PeftType[name]
     member = str.__new__(PeftType, name)
     member._name_ = member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
+    # Enum's own member internals, absent from its type stubs
+    member.__objclass__ = PeftType  # type: ignore[attr-defined]
+    member._sort_order_ = len(PeftType._member_names_)  # type: ignore[attr-defined]
     type.__setattr__(PeftType, name, member)  # EnumType.__setattr__ refuses member names
     PeftType._member_map_[name] = member
     PeftType._value2member_map_[name] = member
@@ -125,66 +139,81 @@ class LieraConfig(PeftConfig):
 
     r: int = _same_as("r", "rank of the generator")
     liera_alpha: float = _same_as("alpha", "D is scaled by liera_alpha / r (liera_alpha / sqrt(r) with use_rslora)")
-    target_modules: Optional[Union[list[str], str]] = _same_as(
-        "target_modules", "module names or suffixes, a full regex, or 'all-linear' | 'all-conv' | 'all' (liera's "
-        "rule); None: PEFT's defaults for the model type")
-    exclude_modules: Optional[Union[list[str], str]] = _same_as("exclude_modules", "modules left out")
-    target_parameters: Optional[list[str]] = _same_as(
-        "target_parameters", "parameter tensors of order >= 2 adapted directly (e.g. 'in_proj_weight')")
+    target_modules: list[str] | set[str] | str | None = _same_as(  # PEFT stores name lists as sets
+        "target_modules",
+        "module names or suffixes, a full regex, or 'all-linear' | 'all-conv' | 'all' (liera's "
+        "rule); None: PEFT's defaults for the model type",
+    )
+    exclude_modules: list[str] | str | None = _same_as("exclude_modules", "modules left out")
+    target_parameters: list[str] | None = _same_as(
+        "target_parameters", "parameter tensors of order >= 2 adapted directly (e.g. 'in_proj_weight')"
+    )
     exp_map: str = _same_as("exp_map", "'taylor' (W + W*D) or 'exact' (W * exp(D))")
     update: str = _same_as("update", "'multiplicative' (LieRA) or 'additive' (an ablation)")
     generator: str = _same_as("generator", "lora, dora, pissa, milora, loha, lokr, tucker or a registered one")
     generator_kwargs: dict[str, Any] = _same_as("generator_kwargs", "extra arguments of the generator")
     liera_dropout: float = _same_as("dropout", "dropout on the update branch's input (training only)")
     use_rslora: bool = _same_as("use_rslora", "scale by alpha / sqrt(r)")
-    init_weights: Union[bool, str] = _same_as("init_weights", "True (identity at init), False or 'gaussian'")
+    init_weights: bool | str = _same_as("init_weights", "True (identity at init), False or 'gaussian'")
     rank_pattern: dict[str, int] = _same_as("rank_pattern", "per-layer r, keyed by module path (PEFT's rule)")
     alpha_pattern: dict[str, float] = _same_as("alpha_pattern", "per-layer alpha, keyed by module path")
-    modules_to_save: Optional[list[str]] = _same_as("modules_to_save", "modules trained in full and saved")
+    modules_to_save: list[str] | None = _same_as("modules_to_save", "modules trained in full and saved")
     adapter_dtype: str = _same_as("adapter_dtype", "'float32' (on a bf16/fp16 base) or 'base'")
     update_branch: str = _same_as("update_branch", "'merged' or 'float32'")
     layer_scaling: str = _same_as("layer_scaling", "'none' or 'rms'")
     fast_path: bool = _same_as("fast_path", "recompute the effective weight in backward instead of storing it")
-    keep_zeros: bool = _same_as("keep_zeros", "the zeros of W are intended (a pruned model): keep them exactly; "
-                                "with update='additive' the update is the masked W + D * (W != 0)")
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "layer indices to adapt (PEFT only)"})
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "name of the layer list for layers_to_transform (PEFT only)"})
+    keep_zeros: bool = _same_as(
+        "keep_zeros",
+        "the zeros of W are intended (a pruned model): keep them exactly; "
+        "with update='additive' the update is the masked W + D * (W != 0)",
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "layer indices to adapt (PEFT only)"}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "name of the layer list for layers_to_transform (PEFT only)"}
+    )
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'liera_only' (PEFT only)"})
     adapted_layers: dict[str, dict[str, Any]] = field(
         default_factory=dict,
-        metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraModel)"})
+        metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraModel)"},
+    )
     requires: str = field(default=PEFT_IMPORT, metadata={"help": "what to import before PEFT can load this adapter"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LIERA
         if isinstance(self.target_parameters, (str, tuple)):
-            self.target_parameters = [self.target_parameters] if isinstance(self.target_parameters, str) \
-                else list(self.target_parameters)
+            self.target_parameters = (
+                [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
+            )
         if self.bias not in BIASES:
             raise ValueError(f"LieraConfig: bias must be one of {list(BIASES)}, got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LieraConfig: layers_pattern needs layers_to_transform (the indices to adapt).")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("LieraConfig: layers_to_transform works with a list of target_modules, not a regex or a "
-                             "shortcut; write the indices into the regex instead.")
+            raise ValueError(
+                "LieraConfig: layers_to_transform works with a list of target_modules, not a regex or a "
+                "shortcut; write the indices into the regex instead."
+            )
         try:
             self.adapter_config()  # liera's validation, with its messages
         except ValueError as exc:
             raise ValueError(peft_field_names(str(exc))) from None
+        # the folder from_pretrained read this config from: an attribute, not a field (not in adapter_config.json)
+        self._loaded_from: Path | None = None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: PathLike, subfolder: Optional[str] = None,
-                        **kwargs: Any) -> "LieraConfig":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> LieraConfig:
         """PEFT's config reader; a config read from a local folder remembers it, so that LieraModel can check the
         folder's tensors against the model before PEFT injects anything (PeftModel.from_pretrained and load_adapter
         read the config first, then inject, then load the tensors)."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config = super().from_pretrained(os.fspath(pretrained_model_name_or_path), subfolder=subfolder, **kwargs)
         folder = Path(pretrained_model_name_or_path, subfolder or "")
         if isinstance(config, LieraConfig) and (folder / io.CONFIG_NAME).is_file():
-            config._loaded_from = folder  # an attribute, not a field: never written to adapter_config.json
+            config._loaded_from = folder
         return config
 
     def _liera_fields(self) -> dict[str, Any]:
@@ -205,15 +234,23 @@ class LieraConfig(PeftConfig):
     def to_liera_config(self) -> LieRAConfig:
         """The same adapter in liera's own config: liera.get_liera_model(model, config.to_liera_config()) builds
         identical adapters. PEFT-only options (layers_to_transform, bias) have no equivalent there and raise."""
-        peft_only = [name for name, used in (("layers_to_transform", self.layers_to_transform is not None),
-                                             ("bias", self.bias != "none")) if used]
+        peft_only = [
+            name
+            for name, used in (
+                ("layers_to_transform", self.layers_to_transform is not None),
+                ("bias", self.bias != "none"),
+            )
+            if used
+        ]
         if peft_only:
-            raise ValueError(f"LieraConfig: {peft_only} have no equivalent in liera's own LieRAConfig; select layers "
-                             f"with target_modules (a list of paths or a regex) and leave bias='none'.")
+            raise ValueError(
+                f"LieraConfig: {peft_only} have no equivalent in liera's own LieRAConfig; select layers "
+                f"with target_modules (a list of paths or a regex) and leave bias='none'."
+            )
         return LieRAConfig(**self._liera_fields())
 
     @classmethod
-    def from_liera_config(cls, config: LieRAConfig, **kwargs: Any) -> "LieraConfig":
+    def from_liera_config(cls, config: LieRAConfig, **kwargs: Any) -> LieraConfig:
         """The PEFT config of the adapter a LieRAConfig describes (kwargs: PEFT's own fields, e.g. task_type)."""
         return cls(**{RENAMED.get(name, name): getattr(config, name) for name in _LIERA_FIELDS}, **kwargs)
 
@@ -247,11 +284,11 @@ class LieraLayer(nn.Module, BaseTunerLayer):
 
     # ---- PEFT's state attributes, kept in the AdaptedWeight (PEFT's base class assigns the first two)
     @property
-    def _active_adapter(self) -> Union[str, list[str]]:
+    def _active_adapter(self) -> str | list[str]:
         return self._peft_active
 
     @_active_adapter.setter
-    def _active_adapter(self, names: Union[str, list[str]]) -> None:
+    def _active_adapter(self, names: str | list[str]) -> None:
         self.liera_adapters.activate([names] if isinstance(names, str) else list(names))
         self._peft_active = names  # PEFT keeps every active name; the AdaptedWeight those present here
 
@@ -270,12 +307,15 @@ class LieraLayer(nn.Module, BaseTunerLayer):
     # ---- adapters
     def base_weight(self) -> nn.Parameter:
         """The adapted tensor, on the innermost base layer (parameter wrappers nest)."""
-        return self.get_base_layer()._parameters[self.param_name]
+        weight = self.get_base_layer()._parameters[self.param_name]
+        assert weight is not None  # update_layer built the adapter on it
+        return weight
 
     def update_layer(self, adapter_name: str, config: LieraConfig, path: str) -> None:
         """Add an adapter built by liera's build_adapter (``path``: the owning module's path, for the patterns)."""
-        generator, settings = build_adapter(config.adapter_config(), path, self.param_name,
-                                            float_weight(self.get_base_layer(), self.param_name))
+        generator, settings = build_adapter(
+            config.adapter_config(), path, self.param_name, float_weight(self.get_base_layer(), self.param_name)
+        )
         self.liera_adapters.add(adapter_name, generator.train(self.training), settings)
         self.set_adapter(self.active_adapters)  # as PEFT's layers do: only active adapters require grad
 
@@ -292,7 +332,7 @@ class LieraLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(*args, **kwargs)
 
     # ---- merging: the group map in place, undone by the group inverse (no copy of the weight is kept)
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W <- W * g(D) for the given adapters (default: the active ones). safe_merge: check first (non-finite
         values, Taylor factors 1 + D near 0 that an unmerge could not undo) and raise before any change."""
         todo = self.liera_adapters.to_merge(check_adapters_to_merge(self, adapter_names))
@@ -304,9 +344,12 @@ class LieraLayer(nn.Module, BaseTunerLayer):
             self.liera_adapters.check_merge(weight, todo, torch.float32, self.param_name)
         singular = self.liera_adapters.merge(weight, todo)
         if singular:
-            warnings.warn(f"merge: {singular} entries of {self.param_name} have a Taylor factor 1 + D near 0 (or, with "
-                          f"keep_zeros, became exact zeros); unmerge() "
-                          f"cannot recover them (safe_merge=True refuses such merges).", stacklevel=2)
+            warnings.warn(
+                f"merge: {singular} entries of {self.param_name} have a Taylor factor 1 + D near 0 (or, with "
+                f"keep_zeros, became exact zeros); unmerge() "
+                f"cannot recover them (safe_merge=True refuses such merges).",
+                stacklevel=2,
+            )
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -314,8 +357,9 @@ class LieraLayer(nn.Module, BaseTunerLayer):
             return
         self.liera_adapters.unmerge(self.base_weight())
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
-                                           adapter_names: Optional[list[str]]) -> nn.Module:
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
         """The plain base layer, with this layer's adapters (and those of nested parameter wrappers) merged first
         when ``merge``; PEFT's unload and merge_and_unload call it."""
         layer: nn.Module = self
@@ -350,18 +394,21 @@ class LieraModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = LieraLayer
-    target_module_mapping = TARGET_MODULE_MAPPING
+    # PEFT annotates dict[str, list[str]], but its own LoRA table (merged here) also holds regex strings
+    target_module_mapping = TARGET_MODULE_MAPPING  # type: ignore[assignment]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
+        assert isinstance(config, LieraConfig)  # PEFT builds a LieraModel for peft_type LIERA, i.e. a LieraConfig
         folder = getattr(config, "_loaded_from", None)
         if folder is not None:  # PeftModel.from_pretrained / load_adapter: check the files before any layer exists
             check_peft_folder(model, config, folder)
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self.peft_config[adapter_name].adapted_layers = {
+        super().inject_adapter(model, adapter_name, *args, **kwargs)  # keeps this config object in peft_config
+        config.adapted_layers = {
             path: {"param": layer.param_name, "shape": list(layer.liera_adapters.weight_shape)}
             for path, layer in model.named_modules()
-            if isinstance(layer, LieraLayer) and adapter_name in layer.liera_adapters}
+            if isinstance(layer, LieraLayer) and adapter_name in layer.liera_adapters
+        }
 
     def _prepare_adapter_config(self, peft_config: LieraConfig, model_config: dict) -> LieraConfig:
         """target_modules None: PEFT's defaults for the model type, or none when target_parameters are given (as
@@ -371,8 +418,10 @@ class LieraModel(BaseTuner):
             if default is not None:
                 peft_config.target_modules = default if isinstance(default, str) else set(default)
             elif not peft_config.target_parameters:
-                raise ValueError("LieraConfig: set target_modules or target_parameters (no defaults are known for "
-                                 f"model type {model_config['model_type']!r}).")
+                raise ValueError(
+                    "LieraConfig: set target_modules or target_parameters (no defaults are known for "
+                    f"model type {model_config['model_type']!r})."
+                )
         return peft_config
 
     def _check_merge_allowed(self) -> None:
@@ -389,11 +438,22 @@ class LieraModel(BaseTuner):
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules in TARGET_SHORTCUTS:
             config = dataclasses.replace(peft_config.adapter_config(), target_parameters=None)
             aux = [name for name, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-            peft_config.target_modules = {_unwrapped(t.path) for t in find_targets(model, config)
-                                          if not any(t.path.startswith(a + ".") for a in aux)}
+            peft_config.target_modules = {
+                _unwrapped(t.path)
+                for t in find_targets(model, config)
+                if not any(t.path.startswith(a + ".") for a in aux)
+            }
 
-    def _create_and_replace(self, peft_config: LieraConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str, parameter_name: Optional[str] = None) -> None:
+    def _create_and_replace(
+        self,
+        peft_config: LieraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
         if parameter_name is None:  # a module: its layer kind names the weight
             path = current_key
             if isinstance(target, LieraLayer):  # another adapter on an adapted module
@@ -405,7 +465,8 @@ class LieraModel(BaseTuner):
                         f"target module {current_key!r} is a {type(target).__name__}, which LieRA cannot adapt as a "
                         f"module. Supported module types: {supported_kinds_text()}. To adapt one of its parameter "
                         f"tensors directly, use target_parameters=[...] (parameters here: "
-                        f"{[n for n, _ in target.named_parameters(recurse=False)]}).")
+                        f"{[n for n, _ in target.named_parameters(recurse=False)]})."
+                    )
                 layer = LieraLayer(target, kind.weight_name, adapter_name)
         else:
             path = current_key.rpartition(".")[0]
@@ -413,10 +474,14 @@ class LieraModel(BaseTuner):
                 layer = target
             else:
                 base = target.get_base_layer() if isinstance(target, LieraLayer) else target
-                if base._parameters[parameter_name].dim() < 2:
-                    raise ValueError(f"target parameter {current_key!r} has order "
-                                     f"{base._parameters[parameter_name].dim()}; LieRA adapts tensors of order >= 2 "
-                                     f"(train biases and norms in full via modules_to_save).")
+                param = base._parameters[parameter_name]
+                assert param is not None  # PEFT passes a parameter the module holds (from named_parameters)
+                if param.dim() < 2:
+                    raise ValueError(
+                        f"target parameter {current_key!r} has order "
+                        f"{param.dim()}; LieRA adapts tensors of order >= 2 "
+                        f"(train biases and norms in full via modules_to_save)."
+                    )
                 layer = ParamWrapper(target, parameter_name, adapter_name)
         layer.update_layer(adapter_name, peft_config, path)
         if layer is not target:
@@ -434,7 +499,7 @@ class LieraModel(BaseTuner):
         """Nothing to do: liera's adapter_dtype set the adapter tensors' dtype when they were built (float32 on a
         bf16/fp16 base by default; PEFT's autocast would override adapter_dtype="base")."""
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for module in self.model.modules():  # several adapters must compose: check every layer before any change
             if isinstance(module, LieraLayer):
@@ -470,20 +535,24 @@ def _file_shapes(folder: Path) -> dict[str, tuple]:
     if not path.is_file():
         path = folder / io.WEIGHTS_NAME_PT
         if not path.is_file():
-            raise FileNotFoundError(f"{str(folder)!r} has {io.CONFIG_NAME} but no {io.WEIGHTS_NAME}; copy the whole "
-                                    f"folder that save_pretrained wrote. Nothing was injected: the model is unchanged.")
+            raise FileNotFoundError(
+                f"{str(folder)!r} has {io.CONFIG_NAME} but no {io.WEIGHTS_NAME}; copy the whole "
+                f"folder that save_pretrained wrote. Nothing was injected: the model is unchanged."
+            )
     try:
         if path.name == io.WEIGHTS_NAME:
             with safe_open(str(path), framework="pt") as fh:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     except Exception as exc:  # safetensors and torch raise several types for truncated or corrupt files
-        raise ValueError(f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
-                         f"Save the adapter again (save_pretrained) or copy it again whole. Nothing was injected: "
-                         f"the model is unchanged.") from exc
+        raise ValueError(
+            f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
+            f"Save the adapter again (save_pretrained) or copy it again whole. Nothing was injected: "
+            f"the model is unchanged."
+        ) from exc
 
 
-def _model_weight(model: nn.Module, path: str, param: str) -> Optional[Tensor]:
+def _model_weight(model: nn.Module, path: str, param: str) -> Tensor | None:
     """The parameter ``param`` of the module at ``path`` (inside any LieraLayer already there), None if absent."""
     try:
         module = model.get_submodule(path) if path else model
@@ -516,8 +585,10 @@ def check_peft_folder(model: nn.Module, config: LieraConfig, folder: PathLike) -
     if not config.adapted_layers or getattr(model, "_checkpoint_conversion_mapping", None):
         return  # no record to check against, or transformers renames keys while PEFT loads them
     unchanged = "Nothing was injected: the model is unchanged."
-    fix = (f"Load {str(folder)!r} on the base model it was trained on, with the adapter_config.json saved with it. "
-           f"{unchanged}")
+    fix = (
+        f"Load {str(folder)!r} on the base model it was trained on, with the adapter_config.json saved with it. "
+        f"{unchanged}"
+    )
     adapter_config = config.adapter_config()
     expected: dict[str, tuple] = {}
     for layer, info in config.adapted_layers.items():
@@ -526,8 +597,10 @@ def check_peft_folder(model: nn.Module, config: LieraConfig, folder: PathLike) -
         if weight is None:
             raise ValueError(f"the adapter adapts {path}.{param}, which this model does not have. {fix}")
         if tuple(weight.shape) != tuple(info["shape"]):
-            raise ValueError(f"the adapter was trained on a model whose {path}.{param} has shape "
-                             f"{tuple(info['shape'])}; this model's has {tuple(weight.shape)}. {fix}")
+            raise ValueError(
+                f"the adapter was trained on a model whose {path}.{param} has shape "
+                f"{tuple(info['shape'])}; this model's has {tuple(weight.shape)}. {fix}"
+            )
         for name, shape in _generator_shapes(adapter_config, path, param, weight).items():
             expected[f"{PEFT_KEY_PREFIX}{layer}.{ADAPTERS}.{name}"] = shape
     infix = f".{ADAPTERS}."
@@ -540,8 +613,10 @@ def check_peft_folder(model: nn.Module, config: LieraConfig, folder: PathLike) -
     try:
         io.check_tensors(expected, found, str(folder))
     except ValueError as exc:
-        raise ValueError(f"{exc} (adapter_config.json says r={config.r}, generator={config.generator!r}: a config "
-                         f"edited after saving, or files from two adapters, do not fit.) {unchanged}") from None
+        raise ValueError(
+            f"{exc} (adapter_config.json says r={config.r}, generator={config.generator!r}: a config "
+            f"edited after saving, or files from two adapters, do not fit.) {unchanged}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- file conversion
@@ -554,11 +629,14 @@ def _layer_paths(weight_keys: Sequence[str]) -> dict[str, str]:
         if not path:
             raise ValueError(f"adapted weight {key!r} sits on the top-level module; PEFT cannot wrap it.")
         by_module.setdefault(path, []).append(key)
-    return {key: path + f".{BASE_LAYER}" * (len(keys) - 1 - i)
-            for path, keys in by_module.items() for i, key in enumerate(keys)}
+    return {
+        key: path + f".{BASE_LAYER}" * (len(keys) - 1 - i)
+        for path, keys in by_module.items()
+        for i, key in enumerate(keys)
+    }
 
 
-def _build_order(shapes: dict[str, tuple], base_model: Optional[nn.Module]) -> list[str]:
+def _build_order(shapes: dict[str, tuple], base_model: nn.Module | None) -> list[str]:
     """liera's weight keys in the order PEFT builds their layers (within a module: its parameter order)."""
     by_module: dict[str, list[str]] = {}
     for key in shapes:
@@ -567,10 +645,12 @@ def _build_order(shapes: dict[str, tuple], base_model: Optional[nn.Module]) -> l
     for path, keys in by_module.items():
         if len(keys) > 1:
             if base_model is None:
-                raise ValueError(f"module {path!r} has {len(keys)} adapted parameters ({keys}); PEFT nests one wrapper "
-                                 f"per parameter in the module's parameter order, which the files do not record: pass "
-                                 f"base_model= (the model the adapter was trained on) to liera_to_peft from Python; "
-                                 f"the `liera convert` command cannot load your model.")
+                raise ValueError(
+                    f"module {path!r} has {len(keys)} adapted parameters ({keys}); PEFT nests one wrapper "
+                    f"per parameter in the module's parameter order, which the files do not record: pass "
+                    f"base_model= (the model the adapter was trained on) to liera_to_peft from Python; "
+                    f"the `liera convert` command cannot load your model."
+                )
             params = [f"{path}.{name}" for name, _ in base_model.get_submodule(path).named_parameters(recurse=False)]
             keys = [k for k in params if k in keys]
         order += keys
@@ -591,12 +671,15 @@ def _read_peft(directory: PathLike) -> tuple[LieraConfig, dict[str, Tensor]]:
     directory = Path(directory)
     config_path = directory / io.CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no {io.CONFIG_NAME}; pass the folder PEFT's save_pretrained "
-                                f"wrote.")
+        raise FileNotFoundError(
+            f"{str(directory)!r} has no {io.CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote."
+        )
     data = json.loads(config_path.read_text())
     if data.get("peft_type") != PEFT_TYPE:
-        raise ValueError(f"{config_path} is a {data.get('peft_type') or data.get('library')!r} adapter, not a "
-                         f"PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r}).")
+        raise ValueError(
+            f"{config_path} is a {data.get('peft_type') or data.get('library')!r} adapter, not a "
+            f"PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r})."
+        )
     config = LieraConfig.from_peft_type(**data)
     weights = directory / io.WEIGHTS_NAME
     if weights.is_file():
@@ -608,15 +691,18 @@ def _read_peft(directory: PathLike) -> tuple[LieraConfig, dict[str, Tensor]]:
     return config, dict(tensors)
 
 
-def liera_to_peft(liera_adapter_dir: PathLike, out_dir: PathLike, base_model: Optional[nn.Module] = None) -> None:
+def liera_to_peft(liera_adapter_dir: PathLike, out_dir: PathLike, base_model: nn.Module | None = None) -> None:
     """Write a liera adapter folder (LieRAModel.save_pretrained) as a PEFT-native LieRA folder with the same tensors:
     PeftModel.from_pretrained(model, out_dir) then gives the outputs of LieRAModel.from_pretrained(model, folder).
     base_model is needed only when one module has several adapted parameters (to order PEFT's nested wrappers)."""
     config, grouped, shapes, saved = adapters_by_weight(liera_adapter_dir)
     order = _build_order(shapes, base_model)
     layers = _layer_paths(order)
-    tensors = {f"{PEFT_KEY_PREFIX}{layers[key]}.{ADAPTERS}.{name}": t
-               for key, state in grouped.items() for name, t in state.items()}
+    tensors = {
+        f"{PEFT_KEY_PREFIX}{layers[key]}.{ADAPTERS}.{name}": t
+        for key, state in grouped.items()
+        for name, t in state.items()
+    }
     tensors.update({PEFT_KEY_PREFIX + key: t for key, t in saved.items()})
     adapted = {layers[key]: {"param": key.rpartition(".")[2], "shape": list(shapes[key])} for key in order}
     peft_config = LieraConfig.from_liera_config(config, adapted_layers=adapted)
@@ -629,8 +715,10 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
     saved with save_embedding_layers) are left out."""
     config, tensors = _read_peft(peft_dir)
     if not config.adapted_layers:
-        raise ValueError(f"{peft_dir}: adapter_config.json has no adapted_layers (LieraModel records them); the "
-                         f"folder was not written by this PEFT method.")
+        raise ValueError(
+            f"{peft_dir}: adapter_config.json has no adapted_layers (LieraModel records them); the "
+            f"folder was not written by this PEFT method."
+        )
     by_layer = {layer: f"{_unwrapped(layer)}.{info['param']}" for layer, info in config.adapted_layers.items()}
     out, dropped = {}, []
     infix = f".{ADAPTERS}."
@@ -639,14 +727,20 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
         layer, found, name = body.partition(infix)
         if found and layer in by_layer:
             out[f"{by_layer[layer]}.{name}"] = t
-        elif any(name_matches(body.rsplit(".", i)[0], config.modules_to_save or [])
-                 for i in range(1, body.count(".") + 1)):
+        elif any(
+            name_matches(body.rsplit(".", i)[0], config.modules_to_save or []) for i in range(1, body.count(".") + 1)
+        ):
             out[SAVED + body] = t
         else:
             dropped.append(key)
     if dropped:
-        warnings.warn(f"peft_to_liera: left out {len(dropped)} tensors liera's format does not keep "
-                      f"(e.g. {dropped[:3]}).", stacklevel=2)
-    io.save_adapter_files(out_dir, config.to_liera_config(), out,
-                          weight_shapes={by_layer[layer]: tuple(info["shape"])
-                                         for layer, info in config.adapted_layers.items()})
+        warnings.warn(
+            f"peft_to_liera: left out {len(dropped)} tensors liera's format does not keep (e.g. {dropped[:3]}).",
+            stacklevel=2,
+        )
+    io.save_adapter_files(
+        out_dir,
+        config.to_liera_config(),
+        out,
+        weight_shapes={by_layer[layer]: tuple(info["shape"]) for layer, info in config.adapted_layers.items()},
+    )

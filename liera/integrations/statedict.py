@@ -5,13 +5,14 @@ The LieRA update is elementwise, so a weight's key and shape are all a merge nee
 streams: it writes the output's header from the base file's header, then one tensor at a time, so
 peak memory stays near the largest tensor (plus its adapter).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -20,12 +21,21 @@ from ..sparsity import NM_PATTERNS, LayerSparsity, layer_sparsity, sparsity_repo
 from ..targeting import MODULES_TO_SAVE
 from ..weight import AdaptedWeight, build_adapter
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 SAVED = MODULES_TO_SAVE + "."
 ADAPTER = "adapter"  # the one adapter of a file, under a local name
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -44,8 +54,10 @@ def _read_header(path: Path) -> tuple[dict, int]:
                 raise ValueError("header length exceeds the file")
             header = json.loads(fh.read(size))
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a safetensors file ({exc}); pass a .safetensors state dict "
-                         f"(convert a torch .bin with safetensors.torch.save_file).") from exc
+        raise ValueError(
+            f"{str(path)!r} is not a safetensors file ({exc}); pass a .safetensors state dict "
+            f"(convert a torch .bin with safetensors.torch.save_file)."
+        ) from exc
     return header, 8 + size
 
 
@@ -61,10 +73,12 @@ def adapters_by_weight(adapter_dir: PathLike):
             continue
         owner = next((w for w in keys if k.startswith(w + ".")), None)
         if owner is None:
-            raise ValueError(f"adapter tensor {k!r} belongs to no recorded weight; the adapter was saved without "
-                             f"weight shapes (liera < 0.1) or is damaged. Load it on the model and merge there.")
-        grouped.setdefault(owner, {})[k[len(owner) + 1:]] = t
-    saved = {k[len(SAVED):]: t for k, t in tensors.items() if k.startswith(SAVED)}
+            raise ValueError(
+                f"adapter tensor {k!r} belongs to no recorded weight; the adapter was saved without "
+                f"weight shapes (liera < 0.1) or is damaged. Load it on the model and merge there."
+            )
+        grouped.setdefault(owner, {})[k[len(owner) + 1 :]] = t
+    saved = {k[len(SAVED) :]: t for k, t in tensors.items() if k.startswith(SAVED)}
     return config, grouped, shapes, saved
 
 
@@ -92,13 +106,20 @@ def _match_keys(adapter_keys, base_keys, required: bool = True) -> dict[str, str
         else:
             missing.append(k)
     if missing and required:
-        raise ValueError(f"{len(missing)} adapted weights have no matching key in the base file (e.g. {missing[:4]}); "
-                         f"base keys look like {sorted(base)[:4]}. Is this the base model the adapter was trained on?")
+        raise ValueError(
+            f"{len(missing)} adapted weights have no matching key in the base file (e.g. {missing[:4]}); "
+            f"base keys look like {sorted(base)[:4]}. Is this the base model the adapter was trained on?"
+        )
     return mapping
 
 
-def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torch.dtype = torch.float32,
-               progress: Optional[Callable[[Iterable, str], Iterable]] = None) -> dict:
+def merge_file(
+    base: PathLike,
+    adapter_dir: PathLike,
+    out: PathLike,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
+) -> dict:
     """Merge an adapter into a safetensors state dict and write a new file atomically."""
     base, out = Path(base), Path(out)
     if not base.is_file():
@@ -117,10 +138,12 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
     for k, b in mapping.items():
         want = shapes.get(k) or tuple(saved[k].shape)
         if tuple(header[b]["shape"]) != tuple(want):
-            raise ValueError(f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}. "
-                             f"The adapter was trained on a model whose {b!r} has another shape: pass the base weights "
-                             f"of that model (same size and config; a head trained in full must have the base head's "
-                             f"number of classes).")
+            raise ValueError(
+                f"shape mismatch for {b!r}: base file {tuple(header[b]['shape'])}, adapter {tuple(want)}. "
+                f"The adapter was trained on a model whose {b!r} has another shape: pass the base weights "
+                f"of that model (same size and config; a head trained in full must have the base head's "
+                f"number of classes)."
+            )
     by_base = {b: k for k, b in mapping.items()}
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     stats = {"merged": 0, "replaced": 0, "added": len(added), "copied": 0}
@@ -130,17 +153,21 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
         if k in header:
             raise ValueError(f"the adapter's new tensor {k!r} clashes with a base key; nothing was written.")
         size = t.numel() * t.element_size()
-        extra[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                    "data_offsets": [end_of_data, end_of_data + size]}
+        extra[k] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [end_of_data, end_of_data + size],
+        }
         end_of_data += size
 
     def write(tmp: str) -> None:
         with open(base, "rb") as src, open(tmp, "wb") as dst:
-            blob = json.dumps({**({"__metadata__": meta} if meta else {}), **header, **extra},
-                              separators=(",", ":")).encode()
+            blob = json.dumps(
+                {**({"__metadata__": meta} if meta else {}), **header, **extra}, separators=(",", ":")
+            ).encode()
             blob += b" " * (-len(blob) % 8)
             dst.write(struct.pack("<Q", len(blob)) + blob)
-            for key in (progress(order, "merge") if progress else order):
+            for key in progress(order, "merge") if progress else order:
                 info = header[key]
                 start, end = info["data_offsets"]
                 src.seek(data_start + start)
@@ -148,8 +175,11 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
                 if key in by_base:
                     k = by_base[key]
                     torch_dtype = _DTYPES[info["dtype"]]
-                    weight = torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(info["shape"]) if raw else \
-                        torch.empty(info["shape"], dtype=torch_dtype)
+                    weight = (
+                        torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(info["shape"])
+                        if raw
+                        else torch.empty(info["shape"], dtype=torch_dtype)
+                    )
                     new = weight
                     if k in saved:  # trained in full (modules_to_save): its saved value replaces the base one
                         new = saved[k].to(torch_dtype)
@@ -176,9 +206,17 @@ def merge_file(base: PathLike, adapter_dir: PathLike, out: PathLike, dtype: torc
 def inspect_adapter(adapter_dir: PathLike) -> str:
     """A readable report: config, layers, parameter counts, and per-layer statistics of D."""
     config, grouped, shapes, saved = adapters_by_weight(adapter_dir)
-    lines = [f"liera adapter at {adapter_dir}", "",
-             "config: " + ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items()
-                                    if v not in (None, {}, [], False) and k not in ("library",)), ""]
+    lines = [
+        f"liera adapter at {adapter_dir}",
+        "",
+        "config: "
+        + ", ".join(
+            f"{k}={v!r}"
+            for k, v in config.to_dict().items()
+            if v not in (None, {}, [], False) and k not in ("library",)
+        ),
+        "",
+    ]
     total = 0
     rows = []
     for key in sorted(grouped):
@@ -190,13 +228,18 @@ def inspect_adapter(adapter_dir: PathLike) -> str:
         n = sum(p.numel() for p in gen.parameters())  # trained tensors only (not a layer_scale buffer)
         total += n
         taylor_err = ((1 + d) - torch.exp(d)).abs() / torch.exp(d)  # |W(1+D) - W e^D| / |W e^D|, elementwise
-        rows.append(f"| {key} | {tuple(shape)} | {n:,} | {d.abs().max().item():.3g} | {d.abs().mean().item():.3g} | "
-                    f"{taylor_err.max().item():.3g} |")
+        rows.append(
+            f"| {key} | {tuple(shape)} | {n:,} | {d.abs().max().item():.3g} | {d.abs().mean().item():.3g} | "
+            f"{taylor_err.max().item():.3g} |"
+        )
     saved_n = sum(t.numel() for t in saved.values())
-    lines += [f"adapted weights: {len(grouped)}; adapter parameters: {total:,}"
-              + (f"; modules_to_save parameters: {saved_n:,}" if saved_n else ""), "",
-              "| weight | shape | params | max abs D | mean abs D | Taylor vs exact, max rel. error |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"] + rows
+    lines += [
+        f"adapted weights: {len(grouped)}; adapter parameters: {total:,}"
+        + (f"; modules_to_save parameters: {saved_n:,}" if saved_n else ""),
+        "",
+        "| weight | shape | params | max abs D | mean abs D | Taylor vs exact, max rel. error |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ] + rows
     return "\n".join(lines)
 
 
@@ -217,8 +260,10 @@ def _tensor_files(path: Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
         if files:
             return files
-    raise FileNotFoundError(f"{str(path)!r} is neither a liera adapter folder nor a .safetensors file (or a folder "
-                            f"holding some); pass an adapter folder, a model's .safetensors state dict or its folder.")
+    raise FileNotFoundError(
+        f"{str(path)!r} is neither a liera adapter folder nor a .safetensors file (or a folder "
+        f"holding some); pass an adapter folder, a model's .safetensors state dict or its folder."
+    )
 
 
 def file_sparsity(path: PathLike, patterns=NM_PATTERNS) -> list[LayerSparsity]:
@@ -237,8 +282,11 @@ def file_sparsity(path: PathLike, patterns=NM_PATTERNS) -> list[LayerSparsity]:
                 start, end = info["data_offsets"]
                 fh.seek(data_start + start)
                 raw = fh.read(end - start)
-                weight = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(info["shape"]) if raw else \
-                    torch.empty(info["shape"], dtype=dtype)
+                weight = (
+                    torch.frombuffer(bytearray(raw), dtype=dtype).reshape(info["shape"])
+                    if raw
+                    else torch.empty(info["shape"], dtype=dtype)
+                )
                 rows.append(layer_sparsity(key, weight, patterns))
     if not rows:
         raise ValueError(f"{str(path)!r} holds no floating-point tensor of order >= 2 (no weight to report on).")

@@ -8,6 +8,7 @@ only they reach the optimizer. Two small pieces make the *files* right as well:
   when resuming or loading the best checkpoint;
 * ``LieRASaveCallback``: for a plain Trainer, writes the adapter files into every checkpoint folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,9 @@ if HAVE_TRANSFORMERS:
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
             target = _unwrap(model or self.model)
-            if isinstance(target, LieRAModel) and os.path.isfile(os.path.join(resume_from_checkpoint,
-                                                                              "adapter_config.json")):
+            if isinstance(target, LieRAModel) and os.path.isfile(
+                os.path.join(resume_from_checkpoint, "adapter_config.json")
+            ):
                 _, tensors = io.read_adapter_files(resume_from_checkpoint)
                 target.set_adapter_state_dict(tensors)
                 return

@@ -1,4 +1,5 @@
 """Layer kinds liera targets by module type. A new kind is one file with a ``KIND`` added here."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,5 +29,13 @@ def supported_kinds_text() -> str:
     return ", ".join(kind.name for kind in LAYER_KINDS)
 
 
-__all__ = ["LayerKind", "QuantizedWeight", "WeightLayout", "WeightOp", "LAYER_KINDS", "BINDERS", "kind_of",
-           "supported_kinds_text"]
+__all__ = [
+    "LayerKind",
+    "QuantizedWeight",
+    "WeightLayout",
+    "WeightOp",
+    "LAYER_KINDS",
+    "BINDERS",
+    "kind_of",
+    "supported_kinds_text",
+]

@@ -6,6 +6,7 @@ functions it knows (F.linear, F.conv2d, torch.addmm, ...), how to run that call 
 how to form the two backward products (input gradient and weight gradient) itself, which is what the
 recompute-in-backward fast path needs. Any other call simply receives the effective weight.
 """
+
 from __future__ import annotations
 
 import enum
@@ -25,8 +26,9 @@ class WeightOp:
     def forward(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def backward(self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
-                 need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(
+        self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(d input, d weight, d bias) for the output gradient; None where not needed."""
         raise NotImplementedError
 
@@ -75,8 +77,9 @@ class LayerKind:
     quantized: QuantizedWeight | None = None
 
 
-def bind_arguments(names: tuple[str, ...], args: tuple, kwargs: dict[str, Any],
-                   defaults: dict[str, Any]) -> dict[str, Any]:
+def bind_arguments(
+    names: tuple[str, ...], args: tuple, kwargs: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, Any]:
     """Map positional and keyword arguments of a torch function onto its parameter names."""
     bound = dict(defaults)
     bound.update(zip(names, args, strict=False))  # trailing parameters may be left to their defaults

@@ -5,10 +5,11 @@ liera runs the layer itself (``weight.quantized_forward``): F.linear on the effe
 dequantized weight in the recompute path (dequantized again in backward, never kept: LoRA's memory, not HiRA's).
 bitsandbytes is imported only by the functions that read its weights; a model without it never reaches them.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,17 +33,19 @@ def dequantize(module: nn.Module, stored: Tensor) -> Tensor:
     if type(stored).__name__ == "Params4bit" or stored.dtype == torch.uint8:
         state = getattr(stored, "quant_state", None) or getattr(module.weight, "quant_state", None)
         data = stored.data
-        if getattr(state, "packing_format_for_cpu", False):
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in eval
             # without gradients; its inverse rewrites the state it is given, so it gets a copy (the layer keeps its own)
             data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
         return bnbf.dequantize_4bit(data, state)
-    scale = getattr(stored, "SCB", None)
-    if scale is None:
-        scale = module.state.SCB
+    scale: Tensor | None = getattr(stored, "SCB", None)
+    if scale is None:  # Linear8bitLt keeps the row scales in its MatmulLtState
+        scale = cast("bnb.MatmulLtState", module.state).SCB
     if stored.dtype != torch.int8 or scale is None:
-        raise ValueError(f"{type(module).__name__}: its weight is not quantized yet (dtype {stored.dtype}); move the "
-                         f"layer to its device first (bitsandbytes quantizes on .to(device)), then attach adapters.")
+        raise ValueError(
+            f"{type(module).__name__}: its weight is not quantized yet (dtype {stored.dtype}); move the "
+            f"layer to its device first (bitsandbytes quantizes on .to(device)), then attach adapters."
+        )
     return bnb.functional.int8_vectorwise_dequant(stored.data, scale.to(stored.device))
 
 
@@ -51,5 +54,11 @@ def compute_dtype(module: nn.Module, x: Tensor) -> Any:
     return getattr(module, "compute_dtype", None) or x.dtype
 
 
-KIND = LayerKind("bitsandbytes Linear4bit / Linear8bitLt", "linear", is_bnb_linear, {},
-                 layout=WeightLayout.OUT_IN, quantized=QuantizedWeight(dequantize, compute_dtype, LinearOp))
+KIND = LayerKind(
+    "bitsandbytes Linear4bit / Linear8bitLt",
+    "linear",
+    is_bnb_linear,
+    {},
+    layout=WeightLayout.OUT_IN,
+    quantized=QuantizedWeight(dequantize, compute_dtype, LinearOp),
+)

@@ -1,4 +1,5 @@
 """nn.Embedding: only the looked-up rows are updated (cost tokens x dim x r, not vocabulary x dim x r)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,13 +20,18 @@ class EmbeddingRows:
 
 
 def _bind_embedding(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> EmbeddingRows | None:
-    a = bind_arguments(("input", "weight", "padding_idx", "max_norm"), args, kwargs,
-                       {"padding_idx": None, "max_norm": None})
+    a = bind_arguments(
+        ("input", "weight", "padding_idx", "max_norm"), args, kwargs, {"padding_idx": None, "max_norm": None}
+    )
     if a["weight"] is not weight or a["max_norm"] is not None:
         return None  # max_norm renormalises W in place: let the generic path handle it
     return EmbeddingRows(a["input"])
 
 
-KIND = LayerKind("Embedding", "embedding", lambda m: isinstance(m, nn.Embedding),
-                 {F.embedding: _bind_embedding},  # type: ignore[dict-item]  # a row gather, not a WeightOp
-                 layout=WeightLayout.TABLE)
+KIND = LayerKind(
+    "Embedding",
+    "embedding",
+    lambda m: isinstance(m, nn.Embedding),
+    {F.embedding: _bind_embedding},  # type: ignore[dict-item]  # a row gather, not a WeightOp
+    layout=WeightLayout.TABLE,
+)

@@ -1,4 +1,5 @@
 """transformers' GPT-2 ``Conv1D``: a linear layer with W stored as (in, out), run as addmm(b, x, W)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,9 @@ class AddmmOp(WeightOp):
             return self.alpha * (x @ w)
         return torch.addmm(bias, x, w, beta=self.beta, alpha=self.alpha)
 
-    def backward(self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
-                 need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(
+        self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         gx = self.alpha * (grad @ w.t()) if need_x else None
         gw = self.alpha * (x.t() @ grad) if need_w else None
         gb = (self.beta * grad).sum_to_size(self.bias.shape) if need_bias and self.bias is not None else None
@@ -38,5 +40,6 @@ def _bind_addmm(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> AddmmOp 
     return AddmmOp(a["mat1"], a["input"], a["beta"], a["alpha"])
 
 
-KIND = LayerKind("transformers Conv1D (GPT-2)", "linear", _is_gpt2_conv1d, {torch.addmm: _bind_addmm},
-                 layout=WeightLayout.IN_OUT)
+KIND = LayerKind(
+    "transformers Conv1D (GPT-2)", "linear", _is_gpt2_conv1d, {torch.addmm: _bind_addmm}, layout=WeightLayout.IN_OUT
+)

@@ -1,4 +1,5 @@
 """nn.Linear (and subclasses): y = x W^T + b."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,9 @@ class LinearOp(WeightOp):
     def forward(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, w, bias)
 
-    def backward(self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
-                 need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(
+        self, grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = grad @ w if need_x else None
         gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
@@ -32,5 +34,6 @@ def _bind_linear(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> LinearO
     return LinearOp(a["input"], a["bias"])
 
 
-KIND = LayerKind("Linear", "linear", lambda m: isinstance(m, nn.Linear), {F.linear: _bind_linear},
-                 layout=WeightLayout.OUT_IN)
+KIND = LayerKind(
+    "Linear", "linear", lambda m: isinstance(m, nn.Linear), {F.linear: _bind_linear}, layout=WeightLayout.OUT_IN
+)

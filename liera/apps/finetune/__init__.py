@@ -35,10 +35,19 @@ Reloading a classifier: build the same base model (``factory(num_classes=N)``,
 ``AutoModelFor...from_pretrained(dir, num_labels=N)``, ...) and call ``LieRAModel.from_pretrained(base,
 "out/adapter")``; the adapter carries the trained head. Class ``i`` is ``results.json["classes"][i]``.
 """
+
 import argparse
 
-from .constants import (BUILTIN_DATA, BUILTIN_MODELS, DEFAULTS, HEAD_NAMES, IMAGE_CACHE_BYTES, IMAGE_SUFFIXES,  # noqa: F401
-                        LM_DATA, TEXT_SUFFIXES)
+from .constants import (  # noqa: F401
+    BUILTIN_DATA,
+    BUILTIN_MODELS,
+    DEFAULTS,
+    HEAD_NAMES,
+    IMAGE_CACHE_BYTES,
+    IMAGE_SUFFIXES,
+    LM_DATA,
+    TEXT_SUFFIXES,
+)
 from .models import load_model  # noqa: F401
 from .options import add_arguments, load_config
 from .run import FinetuneResult, run_finetune  # noqa: F401

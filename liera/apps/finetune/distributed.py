@@ -1,4 +1,5 @@
 """torchrun support of `liera finetune`: joining the process group, and leaving it when finetune created it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,4 +33,3 @@ def join_process_group() -> tuple[int, int]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         _OWN_GROUP = True
     return dist.get_rank(), world
-
