@@ -256,14 +256,9 @@ def goals(results: list[dict]) -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from train_step import cpu_model  # this folder's training-step benchmark reads /proc/cpuinfo
+
+    return cpu_model() or platform.processor()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

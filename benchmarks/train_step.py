@@ -621,7 +621,7 @@ def main(argv=None) -> int:
         peft_version = f"not importable: {short_error(exc)}"
     meta = {"git": _git_state(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "peft": peft_version, "liera": liera.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or _cpu_model(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor() or cpu_model(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
             "memory_only": args.memory_only, "peak_steps": PEAK_STEPS,
             "r": R, "alpha": ALPHA, "optimizer": "SGD(lr=1e-6) on trainable tensors",
@@ -666,7 +666,7 @@ def _git_state() -> dict:
         return {"error": short_error(exc)}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

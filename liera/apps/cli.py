@@ -7,9 +7,12 @@ Each command registers its arguments, and imports what it needs, only when it is
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 COMMANDS = {  # name -> one-line help (what `liera --help` lists without importing anything)
@@ -89,19 +92,40 @@ def _merge_arguments(p: argparse.ArgumentParser) -> Callable:
     return _merge
 
 
+@contextlib.contextmanager
+def _liera_format(adapter: str) -> Iterator[str]:
+    """A liera adapter folder for ``adapter``: itself, or, for a PEFT-native LieRA folder (peft_type "LIERA"), its
+    conversion into a temporary folder, so that inspect and merge read both kinds."""
+    folder = _input_folder(adapter)
+    try:
+        native = json.loads((folder / "adapter_config.json").read_text()).get("peft_type") == "LIERA"
+    except (OSError, ValueError, AttributeError):
+        native = False  # not readable here: the reader below says what is wrong
+    if not native:
+        yield adapter
+        return
+    from ..integrations import peft as peft_method
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_method.peft_to_liera(folder, tmp)
+        print(f"{adapter}: a PEFT-native LieRA folder, read through its liera conversion")
+        yield tmp
+
+
 def _merge(args) -> int:
     import torch
 
     from ..integrations.statedict import merge_file
     from .progress import progress
 
-    stats = merge_file(
-        args.base,
-        args.adapter,
-        args.out,
-        dtype=torch.float64 if args.float64 else torch.float32,
-        progress=None if args.no_progress else progress,
-    )
+    with _liera_format(args.adapter) as adapter:
+        stats = merge_file(
+            args.base,
+            adapter,
+            args.out,
+            dtype=torch.float64 if args.float64 else torch.float32,
+            progress=None if args.no_progress else progress,
+        )
     print(
         f"wrote {args.out}: {stats['merged']} weights merged, {stats['replaced']} replaced and {stats['added']} "
         f"added (modules_to_save: trained in full, a new head is written into the output), {stats['copied']} copied"
@@ -131,7 +155,8 @@ def _inspect(args) -> int:
     if is_weights_file(args.adapter):
         print(inspect_sparsity(args.adapter, [parse_nm(p) for p in args.nm.split(",") if p.strip()]))
     else:
-        print(inspect_adapter(args.adapter))
+        with _liera_format(args.adapter) as adapter:
+            print(inspect_adapter(adapter).replace(adapter, args.adapter))  # the user's path, not a temporary one
     return 0
 
 

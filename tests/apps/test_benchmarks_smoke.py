@@ -71,3 +71,25 @@ def test_profile_llm_step_smoke(tmp_path):
     assert set(arms) == {"peft-lora", "liera-taylor"}
     assert all(a["matmul_s"] > 0 and abs(sum(v for k, v in a.items() if k != "total_s") - a["total_s"]) < 1e-6
                for a in arms.values())
+
+
+def test_precision_quick(tmp_path, capsys, monkeypatch):
+    """The precision benchmark on a tiny random LLaMA: every setting runs (the quantized ones where bitsandbytes is
+    installed) and the table has a row per variant."""
+    import json
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    monkeypatch.setenv("LIERA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it reads the CPU's name through train_step
+    bench = load("precision")
+    settings = "fp32,bf16-autocast,bf16" + (",4bit,8bit" if importlib.util.find_spec("bitsandbytes") else "")
+    out = tmp_path / "precision.json"
+    assert bench.main(["--model", "tiny", "--quick", "--settings", settings, "--variants", "liera-taylor,peft-lora",
+                       "--batch", "2", "--seq", "16", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["setting"] for r in results] == settings.split(",")
+    for r in results:
+        assert set(r["variants"]) == {"liera-taylor", "peft-lora"}, r
+        assert all("error" not in v and v["step_s"] > 0 and v["peak_bytes"] > 0 for v in r["variants"].values()), r
+    assert "| fp32 | liera-taylor |" in capsys.readouterr().out

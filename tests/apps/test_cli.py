@@ -201,3 +201,29 @@ def test_a_user_error_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "_inspect", needs_a_package)
     assert cli.main(["inspect", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "liera inspect: error: this needs the package gguf: pip install gguf\n"
+
+
+def test_inspect_and_merge_read_a_peft_native_folder(tmp_path, capsys):
+    """Both doors' folders: a PEFT-native LieRA adapter is inspected and merged as its liera twin is."""
+    peft = pytest.importorskip("peft")
+    import liera.integrations.peft as peft_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    base = tmp_path / "base.safetensors"
+    save_file(model.state_dict(), str(base))
+    pm = peft.get_peft_model(model, peft_method.LieraConfig(r=2, target_modules=["0"], init_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    peft_method.peft_to_liera(tmp_path / "peft", tmp_path / "liera")
+    reports = []
+    for folder in ("peft", "liera"):
+        assert cli.main(["inspect", str(tmp_path / folder)]) == 0
+        reports.append(capsys.readouterr().out)
+        assert cli.main(["merge", "--base", str(base), "--adapter", str(tmp_path / folder), "--out",
+                         str(tmp_path / f"{folder}.safetensors"), "--no-progress"]) == 0
+        capsys.readouterr()
+    assert "PEFT-native" in reports[0] and str(tmp_path / "peft") in reports[0].split("\n")[1]
+    assert reports[0].split("\n")[2:] == reports[1].split("\n")[1:]  # the same report after the folder's name
+    merged = [load_file(str(tmp_path / f"{f}.safetensors")) for f in ("peft", "liera")]
+    assert merged[0].keys() == merged[1].keys() and all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
+    torch.testing.assert_close(merged[0]["0.weight"], pm.merge_and_unload()[0].weight, rtol=0, atol=0)
