@@ -89,6 +89,18 @@ def adapter_folder(path: PathLike) -> Path:
     return path
 
 
+def check_not_input(source: PathLike, target: PathLike, what: str) -> None:
+    """Refuse to write an adapter folder over the one it is read from: both formats use the same two file names, so
+    the input would be replaced (raised before anything is written)."""
+    src, dst = Path(source), Path(target)
+    src = src.parent if src.is_file() else src
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(
+            f"{what}: the output {str(target)!r} is the input adapter folder; a conversion never overwrites its "
+            f"input. Choose another folder, e.g. {str(src.resolve().parent / (src.resolve().name + '-converted'))!r}."
+        )
+
+
 def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tensor]]:
     """Read and validate an adapter folder (or a path to one of its files); raise a clear error naming what is wrong."""
     directory = adapter_folder(directory)

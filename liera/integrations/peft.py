@@ -695,6 +695,7 @@ def liera_to_peft(liera_adapter_dir: PathLike, out_dir: PathLike, base_model: nn
     """Write a liera adapter folder (LieRAModel.save_pretrained) as a PEFT-native LieRA folder with the same tensors:
     PeftModel.from_pretrained(model, out_dir) then gives the outputs of LieRAModel.from_pretrained(model, folder).
     base_model is needed only when one module has several adapted parameters (to order PEFT's nested wrappers)."""
+    io.check_not_input(liera_adapter_dir, out_dir, "liera_to_peft")
     config, grouped, shapes, saved = adapters_by_weight(liera_adapter_dir)
     order = _build_order(shapes, base_model)
     layers = _layer_paths(order)
@@ -713,6 +714,7 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
     """Write a PEFT-native LieRA folder as a liera adapter folder with the same tensors (LieRAModel.from_pretrained,
     `liera merge` and `liera inspect` read it). Entries PEFT adds that liera does not keep (embedding base weights
     saved with save_embedding_layers) are left out."""
+    io.check_not_input(peft_dir, out_dir, "peft_to_liera")
     config, tensors = _read_peft(peft_dir)
     if not config.adapted_layers:
         raise ValueError(

@@ -170,3 +170,26 @@ def test_peft_field_names_keeps_alpha_pattern():
     text = "LieRAConfig: alpha must be positive; alpha_pattern['a'] too; a common choice is alpha = 2 * r."
     assert liera_peft.peft_field_names(text) == ("LieraConfig: liera_alpha must be positive; alpha_pattern['a'] too; "
                                                  "a common choice is liera_alpha = 2 * r.")
+
+
+@pytest.mark.parametrize("direction", ["liera_to_peft", "peft_to_liera"])
+def test_conversions_never_overwrite_their_input(direction, tmp_path):
+    """The library functions refuse as `liera convert` does, before anything is written."""
+    import os
+
+    from torch import nn
+
+    import liera
+    from liera.integrations import peft as peft_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    if direction == "liera_to_peft":
+        liera.get_liera_model(model, liera.LieRAConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "a")
+    else:
+        peft.get_peft_model(model, peft_method.LieraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "a")
+    before = {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")}
+    for out in (tmp_path / "a", tmp_path / "a" / "adapter_config.json"):
+        with pytest.raises(ValueError, match="never overwrites its input"):
+            getattr(peft_method, direction)(out if out.is_file() else tmp_path / "a", tmp_path / "a")
+    assert {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")} == before
