@@ -48,7 +48,8 @@ from torch import nn  # noqa: E402
 
 R, ALPHA = 16, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-VARIANTS = ["liera-taylor", "liera-rms", "liera-exact", "peft-lora", "peft-hira"]
+VARIANTS = ["liera-taylor", "liera-rms", "liera-exact", "peft-lora", "peft-hira", "peft-liera"]
+DEFAULT_VARIANTS = VARIANTS[:5]  # peft-liera: LieRA-Taylor through PEFT's own door (get_peft_model + LieraConfig)
 SETTINGS = ["fp32", "bf16-autocast", "bf16", "4bit", "8bit"]
 AUTOCAST = {"bf16-autocast", "4bit", "8bit"}
 # the goals: under bf16 autocast <= 1.15x PEFT LoRA's step and <= 0.5x HiRA's; on a 4-bit base peak memory
@@ -95,6 +96,12 @@ def variant(model: nn.Module, name: str) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if name == "peft-liera":
+            import peft
+
+            from liera.integrations.peft import LieraConfig
+
+            return peft.get_peft_model(model, LieraConfig(r=R, liera_alpha=ALPHA, target_modules=TARGETS))
         wrapped, _ = prepare_arm(name, model, r=R, alpha=ALPHA, target_modules=TARGETS)
     return wrapped
 
@@ -246,8 +253,9 @@ def goals(results: list[dict]) -> str:
     lines = ["| setting | liera variant | measure | value | goal | met |", "| --- | --- | --- | ---: | ---: | --- |"]
     by_setting = {r["setting"]: r.get("variants", {}) for r in results}
     for setting, measure, limit in GOALS:
-        for name in ("liera-taylor", "liera-rms", "liera-exact"):
-            value = by_setting.get(setting, {}).get(name, {}).get(measure)
+        ran = by_setting.get(setting, {})
+        for name in [n for n in ("liera-taylor", "liera-rms", "liera-exact", "peft-liera") if n in ran]:
+            value = ran[name].get(measure)
             met = "n/a" if value is None else ("yes" if value <= limit else "**no**")
             lines.append(f"| {setting} | {name} | {measure} | {fmt(value, '.2f')} | <= {limit} | {met} |")
     return "\n".join(lines)
@@ -266,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "tiny"])
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ",".join(SETTINGS))
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)

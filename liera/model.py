@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from . import io
 from .config import LieRAConfig
 from .group import MULTIPLICATIVE
+from .interception import attach, detach
 from .names import warn_user
 from .saved import add_copies, choose, file_keys, make_copies, release, remove_copies, saved_holders
 from .sparsity import LayerSparsity
 from .targeting import model_sparsity, plan_adapter, report_zero_entries, saved_modules, warn_zero_entries
-from .weight import AdaptedWeight, adapted_weights_of, attach, check_mergeable, detach, is_sharded
+from .weight import AdaptedWeight, adapted_weights_of, check_mergeable, is_sharded
 
 DEFAULT_ADAPTER = "default"
 Names = str | Sequence[str] | None

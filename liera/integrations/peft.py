@@ -2,7 +2,7 @@
 
 Importing this module registers the method with PEFT (peft_type "LIERA", parameter prefix "liera_"). PEFT wraps
 each adapted module (or raw parameter) in one ``LieraLayer``, a PEFT tuner layer holding liera's ``AdaptedWeight``
-that runs its base layer inside ``liera.weight.redirect``: the generators (built by ``build_adapter``), the group
+that runs its base layer inside ``liera.interception.redirect``: the generators (built by ``build_adapter``), the group
 map, the fast path and the merge math are liera's own, as in ``LieRAModel``; nothing is computed twice. PEFT's
 machinery does the rest: adapter names, set_adapter, disable_adapter, merge_and_unload, modules_to_save,
 save_pretrained / PeftModel.from_pretrained, and transformers.Trainer's adapter-only checkpoints.
@@ -56,18 +56,11 @@ from torch import Tensor, nn  # noqa: E402
 
 from .. import io  # noqa: E402
 from ..config import PEFT_IMPORT, PEFT_TYPE, TARGET_SHORTCUTS, LieRAConfig  # noqa: E402
+from ..interception import quantized_forward, redirect  # noqa: E402
 from ..layers import kind_of, supported_kinds_text  # noqa: E402
 from ..names import name_matches  # noqa: E402
 from ..targeting import MODULES_TO_SAVE, find_targets  # noqa: E402
-from ..weight import (  # noqa: E402
-    AdaptedWeight,
-    build_adapter,
-    check_mergeable,
-    float_weight,
-    quantization_of,
-    quantized_forward,
-    redirect,
-)
+from ..weight import AdaptedWeight, build_adapter, check_mergeable, float_weight, quantization_of  # noqa: E402
 from .statedict import adapters_by_weight  # noqa: E402
 
 PathLike = str | os.PathLike
@@ -361,11 +354,14 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
     ) -> nn.Module:
         """The plain base layer, with this layer's adapters (and those of nested parameter wrappers) merged first
-        when ``merge``; PEFT's unload and merge_and_unload call it."""
+        when ``merge``; PEFT's unload and merge_and_unload call it. Without ``merge`` (unload), merged adapters are
+        unmerged first (the group inverse), so that unload gives the base weights back, as LieRAModel.unload does."""
         layer: nn.Module = self
         while isinstance(layer, LieraLayer):
             if merge:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            elif layer.merged:
+                layer.unmerge()
             layer = layer.base_layer
         return layer
 

@@ -1,7 +1,7 @@
 """bitsandbytes ``Linear4bit`` (nf4 / fp4, double quantization) and ``Linear8bitLt``: QLoRA-style quantized bases.
 
 The stored weight is packed integers, so no torch call can receive a float W to redirect. While an adapter acts,
-liera runs the layer itself (``weight.quantized_forward``): F.linear on the effective weight, built from the
+liera runs the layer itself (``interception.quantized_forward``): F.linear on the effective weight, built from the
 dequantized weight in the recompute path (dequantized again in backward, never kept: LoRA's memory, not HiRA's).
 bitsandbytes is imported only by the functions that read its weights; a model without it never reaches them.
 """

@@ -93,3 +93,10 @@ def test_precision_quick(tmp_path, capsys, monkeypatch):
         assert set(r["variants"]) == {"liera-taylor", "peft-lora"}, r
         assert all("error" not in v and v["step_s"] > 0 and v["peak_bytes"] > 0 for v in r["variants"].values()), r
     assert "| fp32 | liera-taylor |" in capsys.readouterr().out
+
+
+def test_autocast_layer_quick(capsys):
+    pytest.importorskip("peft")
+    assert load("autocast_layer").main(["--tokens", "16,32", "--repeats", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |") or line.startswith("| 32 |")]
+    assert len(rows) == 2
