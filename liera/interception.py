@@ -69,6 +69,8 @@ _METADATA_METHODS = {
 def intercept(
     adapted: AdaptedWeight, func, args: tuple, kwargs: dict, weight: Tensor, training: bool, memo: dict
 ) -> Any:
+    """One torch call that received ``weight``: a bound op (run_bound), the gathered rows of an embedding, or the
+    call itself with the effective weight in place of W (built once per forward, kept in ``memo``)."""
     names = adapted.live()
     if not names:
         return func(*args, **kwargs)
