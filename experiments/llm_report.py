@@ -127,6 +127,36 @@ def cost(runs: Path) -> list[str]:
     return out
 
 
+def precision(runs: Path, task: str = "wordnet-isa") -> list[str]:
+    """The precision check: each arm's test accuracy per precision / quantization (records <task>-test-<variant>.jsonl
+    beside the float32 study's <task>-test.jsonl), paired against the same arm in float32 and, on a quantized base,
+    liera against PEFT LoRA on the same base (QLoRA)."""
+    variants = {"fp32": load(runs, task, "test")}
+    for path in sorted(runs.glob(f"{task}-test-*.jsonl")):
+        variants[path.stem.removeprefix(f"{task}-test-")] = records(path)
+    if len(variants) < 2:
+        return []
+    arms = sorted({r["method"] for name, rows in variants.items() if name != "fp32" for r in rows})
+    # no time column: these runs shared the cores with other jobs (benchmarks/precision.py measures the speed)
+    out = ["| arm | precision | lr | test accuracy (mean ± sd) | − same arm in fp32, same seed |",
+           "| --- | --- | ---: | ---: | ---: |"]
+    for arm in arms:
+        for name, rows in variants.items():
+            mine = [r for r in rows if r["method"] == arm]
+            if not mine:
+                continue
+            diff = ""
+            if name != "fp32":
+                fp32 = {r["seed"]: r["accuracy"] for r in variants["fp32"] if r["method"] == arm}
+                diff = interval([r["accuracy"] - fp32[r["seed"]] for r in mine if r["seed"] in fp32])
+            out.append(f"| {label(arm)} | {name} | {mine[0]['lr']:g} | {mean_sd([r['accuracy'] for r in mine])} | {diff} |")
+    for name, rows in variants.items():
+        if name.endswith("bit") and {"liera-rms", "peft-lora"} <= {r["method"] for r in rows}:
+            out += ["", f"On the {name} base, rms-LieRA − PEFT LoRA (QLoRA), same seed: "
+                        f"{interval(pairs(rows, 'liera-rms', 'peft-lora'))} points."]
+    return out
+
+
 def build(runs: Path) -> str:
     parts = ["## Zero-shot", "", *zero_shot(runs), "", "## Learning rates chosen on validation", ""]
     for task in TASKS:
@@ -138,6 +168,9 @@ def build(runs: Path) -> str:
             parts += [f"**{task}**", "", *table, ""]
     parts += ["## Paired differences", "", *paired(runs), "## The paper's rate (2e-3), an extra row", "",
               *paper_rate(runs), "", "## Cost", "", *cost(runs)]
+    check = precision(runs)
+    if check:
+        parts += ["## Precision and quantized bases (wordnet-isa, the chosen rates)", "", *check, ""]
     return "\n".join(parts) + "\n"
 
 

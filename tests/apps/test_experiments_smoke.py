@@ -249,3 +249,26 @@ def test_llm_stages_and_report_smoke(tmp_path):
                     "## The paper's rate", "## Cost"):
         assert heading in text
     assert "| LieRA-Taylor (the paper's form) |" in text and "(n = 3)" in text
+
+
+def test_llm_precision_records_and_report(tmp_path):
+    """experiments/llm.py --precision / --quantize on a tiny LLaMA writes its own record file, and the report pairs
+    it with the float32 records of the same arm and seed (and liera with PEFT LoRA on the quantized base)."""
+    pytest.importorskip("transformers")
+    run_smoke("llm.py", tmp_path, "--stage", "test", "--methods", "liera-rms,peft-lora", "--seeds", "0,1")
+    run_smoke("llm.py", tmp_path, "--stage", "test", "--methods", "liera-rms", "--seeds", "0,1",
+              "--precision", "bf16-autocast")
+    fp32 = [json.loads(line) for line in (tmp_path / "wordnet-isa-test.jsonl").read_text().splitlines()]
+    bf16 = [json.loads(line) for line in (tmp_path / "wordnet-isa-test-bf16-autocast.jsonl").read_text().splitlines()]
+    assert {r["precision"] for r in bf16} == {"bf16-autocast"} and len(bf16) == 2
+    assert all(len(r["key"]) == len(fp32[0]["key"]) + 1 for r in bf16)  # the variant is part of the record's key
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import llm_report
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    lines = llm_report.precision(tmp_path)
+    row = next(line for line in lines if "| bf16-autocast |" in line)
+    by = {(r["method"], r["seed"]): r["accuracy"] for r in fp32}
+    diffs = [r["accuracy"] - by[("liera-rms", r["seed"])] for r in bf16]
+    assert f"{100 * sum(diffs) / 2:+.2f}" in row and "(n = 2)" in row
