@@ -393,10 +393,12 @@ def zero_entries_note(model: nn.Module, target_modules: Sequence[str], source: s
     they mean for training, said once instead of the library's warning at every adapter build. ``source``: why
     this model has them (SmolLM2's dequantised Q4_1 blocks hold exact zeros)."""
     targets = find_targets(model, LieRAConfig(target_modules=list(target_modules)))
-    zeros = sum(int((t.values == 0).sum()) for t in targets)
+    zeros = total = 0
+    for t in targets:  # one read of each weight (a quantized one is dequantized to read it)
+        values = t.values
+        zeros, total = zeros + int((values == 0).sum()), total + values.numel()
     if not zeros:
         return None
-    total = sum(t.values.numel() for t in targets)
     return (
         f"note: {zeros:,d} of {total:,d} adapted weight entries ({100 * zeros / total:.3f}%) are exactly zero"
         f"{' (' + source + ')' if source else ''}. A multiplicative update (W + W*D) cannot move them: they stay "
