@@ -96,6 +96,20 @@ def wait_for(path: Path, keys: set, timeout_s: float = 3 * 3600, poll_s: float =
     return True
 
 
+def select_widened(grids: dict, seeds: list, widen: int, execute, path: Path, key_of, chosen_of) -> dict:
+    """The select stage's plan, run with execute(plan) and widened up to `widen` times one x3 step past an edge of
+    the rate chosen so far (chosen_of(path)); with several shards, every shard waits for the whole plan (keys from
+    key_of(run)) before it widens. Returns the final choice."""
+    for extra in range(widen + 1):
+        plan = [(m, lr, s) for m in grids for lr in grids[m] for s in seeds]
+        execute(plan)
+        if extra < widen:
+            if not wait_for(path, {tuple(key_of(run)) for run in plan}):
+                break
+            grids = widen_edges(grids, chosen_of(path))
+    return chosen_of(path)
+
+
 def parse_lrs(text: str) -> dict:
     """'lora=1e-3/3e-3,full=1e-4' -> {"lora": [1e-3, 3e-3], "full": [1e-4]}."""
     out = {}

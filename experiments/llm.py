@@ -39,7 +39,7 @@ from liera.apps.memory import TensorMemory  # noqa: E402
 from liera.apps.methods import get_method, label  # noqa: E402
 from liera.apps.training import prepare_arm, trainable_count  # noqa: E402
 
-from common import choose_rates, done, log, records, wait_for, widen_edges  # noqa: E402
+from common import choose_rates, done, log, records, select_widened  # noqa: E402
 
 ARMS = ("lora", "liera-taylor", "liera-rms", "liera-exact", "peft-lora", "peft-dora", "peft-hira")
 RATE_AS = {"liera-exact": "liera-taylor"}  # arms that take another arm's chosen rate
@@ -255,14 +255,9 @@ def main(argv=None) -> int:
                       (item.split("=") for item in filter(None, args.grid.split(",")))})
         if args.smoke:
             grids = {m: g[:1] for m, g in grids.items()}
-        for extra in range(args.widen + 1):
-            plan = [(m, lr, s) for m in grids for lr in grids[m] for s in seeds]
-            execute(args, "select", plan, base, train, scored, "validation", path)
-            if extra < args.widen:  # with --shard, every shard waits for the whole plan before it widens
-                if not wait_for(path, {tuple(key(args, "select", *run)) for run in plan}):
-                    break
-                grids = widen_edges(grids, chosen_rates(path))
-        chosen = chosen_rates(path)
+        chosen = select_widened(grids, seeds, args.widen,
+                                lambda plan: execute(args, "select", plan, base, train, scored, "validation", path),
+                                path, lambda run: key(args, "select", *run), chosen_rates)
         (out / f"{args.task}-chosen.json").write_text(json.dumps(chosen, indent=2))
         print("chosen on validation:", chosen)
         return 0

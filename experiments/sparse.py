@@ -41,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import choose_rates, done, ladder_step, log, mean_sd, records, wait_for, widen_edges  # noqa: E402
+from common import choose_rates, done, ladder_step, log, mean_sd, records, select_widened  # noqa: E402
 
 from liera.apps import lm  # noqa: E402
 from liera.apps.lmtasks import get_lm_task  # noqa: E402
@@ -361,14 +361,9 @@ def main(argv=None) -> int:
         grids = {a: ([start.get(a, 1e-3)] if args.smoke else
                      [ladder_step(start.get(a, 1e-3), up=False), start.get(a, 1e-3),
                       ladder_step(start.get(a, 1e-3), up=True)]) for a in arms}
-        for extra in range(args.widen + 1):
-            plan = [(a, lr, s) for a in grids for lr in grids[a] for s in seeds]
-            execute(setup, "select", plan, "validation", path)
-            if extra < args.widen:  # with --shard, every lane waits for the whole plan before it widens
-                if not wait_for(path, {tuple(key(args, "select", *run)) for run in plan}):
-                    break
-                grids = widen_edges(grids, chosen_rates(path))
-        chosen = chosen_rates(path)
+        chosen = select_widened(grids, seeds, args.widen,
+                                lambda plan: execute(setup, "select", plan, "validation", path),
+                                path, lambda run: key(args, "select", *run), chosen_rates)
         (out / f"{args.setting}-chosen.json").write_text(json.dumps(chosen, indent=2))
         print("chosen on validation:", chosen)
         if not args.smoke:

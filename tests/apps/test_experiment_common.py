@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 try:
-    from common import choose_rates, ladder_step, log, wait_for, widen_edges
+    from common import choose_rates, ladder_step, log, records, select_widened, wait_for, widen_edges
 finally:
     sys.path.pop(0)
 
@@ -52,3 +52,23 @@ def test_wait_for_sees_runs_another_process_records(tmp_path):
 @pytest.mark.parametrize("rate", [1e-4, 3e-2])
 def test_ladder_round_trip(rate):
     assert ladder_step(ladder_step(rate, up=True), up=False) == rate
+
+
+def test_select_widened_runs_widens_past_the_edge_and_returns_the_choice(tmp_path):
+    """The select loop of llm.py and sparse.py: the first plan, then one x3 step past the edge the choice sits on."""
+
+    path = tmp_path / "select.jsonl"
+    plans = []
+
+    def execute(plan):
+        plans.append(plan)
+        for method, lr, seed in plan:
+            log(path, {"key": [method, lr, seed], "method": method, "lr": lr, "seed": seed})
+
+    def chosen_of(p):
+        rows = records(p)
+        return {"m": max(r["lr"] for r in rows)}  # the highest rate always wins: the upper edge
+
+    chosen = select_widened({"m": [1e-3, 3e-3]}, [0], 1, execute, path, lambda run: list(run), chosen_of)
+    assert [sorted({lr for _, lr, _ in plan}) for plan in plans] == [[1e-3, 3e-3], [1e-3, 3e-3, 1e-2]]
+    assert chosen == {"m": 1e-2}
