@@ -99,13 +99,15 @@ def wait_for(path: Path, keys: set, timeout_s: float = 3 * 3600, poll_s: float =
 def select_widened(grids: dict, seeds: list, widen: int, execute, path: Path, key_of, chosen_of) -> dict:
     """The select stage's plan, run with execute(plan) and widened up to `widen` times one x3 step past an edge of
     the rate chosen so far (chosen_of(path)); with several shards, every shard waits for the whole plan (keys from
-    key_of(run)) before it widens. Returns the final choice."""
+    key_of(run)) before it widens, and before it returns, so that every shard returns the same choice (a shard
+    that went on to its test stage with the others' last runs missing would test at other rates). Returns the
+    final choice."""
     for extra in range(widen + 1):
         plan = [(m, lr, s) for m in grids for lr in grids[m] for s in seeds]
         execute(plan)
+        if not wait_for(path, {tuple(key_of(run)) for run in plan}):
+            break
         if extra < widen:
-            if not wait_for(path, {tuple(key_of(run)) for run in plan}):
-                break
             grids = widen_edges(grids, chosen_of(path))
     return chosen_of(path)
 

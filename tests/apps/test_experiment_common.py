@@ -72,3 +72,29 @@ def test_select_widened_runs_widens_past_the_edge_and_returns_the_choice(tmp_pat
     chosen = select_widened({"m": [1e-3, 3e-3]}, [0], 1, execute, path, lambda run: list(run), chosen_of)
     assert [sorted({lr for _, lr, _ in plan}) for plan in plans] == [[1e-3, 3e-3], [1e-3, 3e-3, 1e-2]]
     assert chosen == {"m": 1e-2}
+
+
+def test_select_widened_waits_for_every_shard_before_it_returns(tmp_path, monkeypatch):
+    """A shard that finished its part of the last plan waits for the others' runs before it reads the choice (else a
+    shard that goes on to its test stage would test at rates chosen without them)."""
+    import common
+
+    path = tmp_path / "select.jsonl"
+    waited = []
+
+    def wait_for(p, keys):
+        waited.append(keys)
+        for method, lr, seed in sorted(keys):  # the other shard's runs arrive while this one waits
+            if (method, lr, seed) not in common.done(p):
+                log(p, {"key": [method, lr, seed], "method": method, "lr": lr, "seed": seed})
+        return True
+
+    def execute(plan):  # this shard runs shard 1/2 of the plan: the middle rate only
+        for method, lr, seed in plan[1::2]:
+            log(path, {"key": [method, lr, seed], "method": method, "lr": lr, "seed": seed})
+
+    monkeypatch.setattr(common, "wait_for", wait_for)
+    chosen = select_widened({"m": [1e-3, 3e-3, 1e-2]}, [0], 0, execute, path, lambda run: list(run),
+                            lambda p: {"m": max(r["lr"] for r in records(p))})
+    assert waited == [{("m", 1e-3, 0), ("m", 3e-3, 0), ("m", 1e-2, 0)}]
+    assert chosen == {"m": 1e-2}  # the other shard's run (1e-2) counted
