@@ -25,6 +25,14 @@ def _per_row(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den per channel, 0 where den is 0: a channel whose weights are all zero (a pruned row, which a
+    multiplicative update keeps at zero) has no direction, and stays zero instead of becoming 0 / 0 = NaN (the
+    inner where keeps NaN out of the gradient too)."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 @register_generator
 class DoRAGenerator(LoRAGenerator):
     merged_norm: Tensor | None  # a buffer: ||V|| per channel, recorded by a merge for the unmerge
@@ -41,7 +49,7 @@ class DoRAGenerator(LoRAGenerator):
     def transform(self, w_eff: Tensor, weight: Tensor) -> Tensor:
         norm = _row_norm(w_eff)
         norm = norm.detach() if self.detach_norm else norm
-        return w_eff * _per_row(self.magnitude.to(w_eff.dtype) / norm, w_eff)
+        return w_eff * _per_row(_ratio(self.magnitude.to(w_eff.dtype), norm), w_eff)
 
     def merge_transform(self, w_eff: Tensor, weight: Tensor) -> Tensor:
         self.merged_norm = _row_norm(w_eff).detach()
@@ -53,6 +61,6 @@ class DoRAGenerator(LoRAGenerator):
                 "DoRA unmerge needs the norm recorded at merge time; it is missing (was the model "
                 "merged in another process?). Reload the base weights instead."
             )
-        out = merged * _per_row(self.merged_norm.to(merged.dtype) / self.magnitude.to(merged.dtype), merged)
+        out = merged * _per_row(_ratio(self.merged_norm.to(merged.dtype), self.magnitude.to(merged.dtype)), merged)
         self.merged_norm = None
         return out

@@ -285,3 +285,34 @@ def test_register_generator_rejects_bad_classes():
 
     with pytest.raises(ValueError, match="needs a class attribute `name`"):
         liera.register_generator(NoName)
+
+
+@pytest.mark.parametrize("update", ["multiplicative", "additive"])
+@pytest.mark.parametrize("exp_map", ["taylor", "exact"])
+def test_dora_on_a_weight_with_an_all_zero_row_stays_finite(update, exp_map):
+    """A pruned channel (every weight of a row zero) has no direction: DoRA's m * V / ||V|| was 0 / 0 = NaN there, in
+    forward, gradients, merge and unmerge. The row now stays zero (a multiplicative update keeps it zero anyway)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+    original = model[0].weight.detach().clone()
+    x = torch.randn(5, 6)
+    config = liera.LieRAConfig(
+        r=2, target_modules=["0"], generator="dora", update=update, exp_map=exp_map, init_weights=False
+    )
+    wrapped = liera.get_liera_model(model, config)
+    out = wrapped(x)
+    assert torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    trainable = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+    wrapped.eval()
+    expected = wrapped(x).detach()
+    wrapped.merge_adapter()
+    assert torch.isfinite(model[0].weight).all() and (model[0].weight[1] == 0).all()
+    torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-6)
+    wrapped.unmerge_adapter()
+    assert torch.isfinite(model[0].weight).all()
+    if update == "multiplicative":  # the additive ablation's zero magnitude erased the row's update: not invertible
+        torch.testing.assert_close(model[0].weight, original, rtol=1e-5, atol=1e-6)
