@@ -70,6 +70,7 @@ class LayerSparsity:
     zeros: int
     numel: int
     nm: dict[str, bool | None] = field(default_factory=dict)
+    dim: int = 1  # the axis the N:M groups run along (the inputs: 1 for Linear and convs, 0 for GPT-2's Conv1D)
 
     @property
     def fraction(self) -> float:
@@ -85,7 +86,7 @@ def layer_sparsity(
     for n, m in patterns:
         bad = nm_violations(w, n, m, dim)
         nm[f"{n}:{m}"] = None if bad is None else bad == 0
-    return LayerSparsity(key, tuple(w.shape), zero_count(w), w.numel(), nm)
+    return LayerSparsity(key, tuple(w.shape), zero_count(w), w.numel(), nm, dim)
 
 
 def sparsity_report(rows: Iterable[LayerSparsity], title: str = "sparsity") -> str:
@@ -104,7 +105,9 @@ def sparsity_report(rows: Iterable[LayerSparsity], title: str = "sparsity") -> s
     ]
     lines += [
         f"| {r.key} | {r.shape} | {r.zeros:,d} | {100 * r.fraction:.2f}% | "
-        + " | ".join(mark[r.nm[p]] for p in patterns)
+        + " | ".join(
+            mark[r.nm[p]] + (f" (dim {r.dim})" if r.dim != 1 and r.nm[p] is not None else "") for p in patterns
+        )
         + " |"
         for r in rows
     ]

@@ -267,8 +267,10 @@ def _tensor_files(path: Path) -> list[Path]:
 
 
 def file_sparsity(path: PathLike, patterns=NM_PATTERNS) -> list[LayerSparsity]:
-    """Zeros and N:M validity (along dim 1, the input axis of Linear and conv weights) of every floating tensor of
-    order >= 2 in a safetensors file or a folder of them, read one tensor at a time."""
+    """Zeros and N:M validity of every floating tensor of order >= 2 in a safetensors file or a folder of them, read
+    one tensor at a time. N:M runs along dim 1 (the inputs of Linear and conv weights); a file does not say which
+    module a 2-D tensor belongs to, so where dim 0 holds more of the patterns (GPT-2's Conv1D stores (in, out)),
+    the row reports dim 0 and says so."""
     rows = []
     for file in _tensor_files(Path(path)):
         header, data_start = _read_header(file)
@@ -287,7 +289,12 @@ def file_sparsity(path: PathLike, patterns=NM_PATTERNS) -> list[LayerSparsity]:
                     if raw
                     else torch.empty(info["shape"], dtype=dtype)
                 )
-                rows.append(layer_sparsity(key, weight, patterns))
+                row = layer_sparsity(key, weight, patterns)
+                if weight.dim() == 2 and not all(row.nm.values()):
+                    other = layer_sparsity(key, weight, patterns, dim=0)
+                    if sum(map(bool, other.nm.values())) > sum(map(bool, row.nm.values())):
+                        row = other  # laid out (in, out): the inputs run along dim 0
+                rows.append(row)
     if not rows:
         raise ValueError(f"{str(path)!r} holds no floating-point tensor of order >= 2 (no weight to report on).")
     return rows

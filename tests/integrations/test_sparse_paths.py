@@ -14,7 +14,7 @@ from liera.integrations.statedict import file_sparsity, inspect_sparsity, merge_
 from liera.sparsity import same_zeros
 
 peft = pytest.importorskip("peft")
-from liera.integrations.peft import LieraConfig  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig  # noqa: E402
 
 MAPS = ["taylor", "exact"]
 UPDATES = ["multiplicative", "additive"]
@@ -59,7 +59,7 @@ def test_peft_native_path_keeps_every_zero(case, exp_map, update, generator):
     model, pruned = pruned_model(case)
     torch.manual_seed(123)
     x = case.make_input()
-    pm = peft.get_peft_model(copy.deepcopy(model), LieraConfig(r=2, exp_map=exp_map, update=update,
+    pm = peft.get_peft_model(copy.deepcopy(model), LieraPeftConfig(r=2, exp_map=exp_map, update=update,
                                                                 generator=generator, keep_zeros=True, **case.targets))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the identity (zoo.perturb walks a LieRAModel; this is PEFT's model)
@@ -96,3 +96,17 @@ def test_liera_inspect_reports_a_weights_file(tmp_path, capsys):
     assert "| a.weight | (4, 8) | 16 | 50.00% | yes |" in out and "4:8" not in out
     with pytest.raises(FileNotFoundError, match="neither a liera adapter folder nor a .safetensors file"):
         inspect_sparsity(tmp_path / "missing")
+
+
+def test_liera_inspect_finds_n_m_along_the_inputs_of_a_transposed_weight(tmp_path):
+    """GPT-2's Conv1D stores (in, out): its 2:4 groups run along dim 0. A file does not name the module, so the
+    report checks the other axis of a 2-D tensor and says which one holds the pattern."""
+    w = torch.zeros(8, 4)
+    w[::2, :] = 1.0  # 2:4 along dim 0 (every column: 1, 0, 1, 0, ...), dense along dim 1
+    dense = torch.ones(8, 4)
+    save_file({"h.0.mlp.c_fc.weight": w, "h.0.ln.weight": dense}, str(tmp_path / "model.safetensors"))
+    rows = {r.key: r for r in file_sparsity(tmp_path / "model.safetensors")}
+    assert rows["h.0.mlp.c_fc.weight"].dim == 0 and rows["h.0.mlp.c_fc.weight"].nm == {"2:4": True, "4:8": True}
+    assert rows["h.0.ln.weight"].dim == 1 and rows["h.0.ln.weight"].nm == {"2:4": False, "4:8": None}
+    text = inspect_sparsity(tmp_path / "model.safetensors")
+    assert "| h.0.mlp.c_fc.weight | (8, 4) | 16 | 50.00% | yes (dim 0) | yes (dim 0) |" in text
