@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""LieRA through PEFT (peft.get_peft_model with liera.integrations.peft.LieraConfig) against liera's own API, with
+"""LieRA through PEFT (peft.get_peft_model with liera.integrations.peft.LieraPeftConfig) against liera's own API, with
 PEFT's LoRA as the reference, on CPU, in one process: the PEFT path runs the same redirect, so it should cost the
 same as liera's own API within noise.
 
 Variants (r=16, alpha=16, dropout 0, the same target modules)
     liera       liera.get_liera_model(model, LieRAConfig(...))
-    peft-liera  peft.get_peft_model(model, LieraConfig(...))       (the LieraConfig of the same LieRAConfig)
+    peft-liera  peft.get_peft_model(model, LieraPeftConfig(...))       (the LieraPeftConfig of the same LieRAConfig)
     peft-lora   peft.get_peft_model(model, LoraConfig(...))         (reference)
     liera-2     a second, identical liera model: the A/A control; its ratio to liera is the noise floor of
                 this machine (placement in memory, other processes), against which peft-liera / liera is judged
@@ -99,9 +99,9 @@ def build(name: str, shape: Shape) -> nn.Module:
     if name in ("liera", "liera-2"):
         return liera.get_liera_model(model, config)
     if name == "peft-liera":
-        from liera.integrations.peft import LieraConfig
+        from liera.integrations.peft import LieraPeftConfig
 
-        return peft.get_peft_model(model, LieraConfig.from_liera_config(config))
+        return peft.get_peft_model(model, LieraPeftConfig.from_liera_config(config))
     if name == "peft-lora":
         return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=shape.lora_targets()))
     raise ValueError(f"unknown variant {name!r}")

@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 R, ALPHA = 16, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ["liera-taylor", "liera-rms", "liera-exact", "peft-lora", "peft-hira", "peft-liera"]
-DEFAULT_VARIANTS = VARIANTS[:5]  # peft-liera: LieRA-Taylor through PEFT's own door (get_peft_model + LieraConfig)
+DEFAULT_VARIANTS = VARIANTS[:5]  # peft-liera: LieRA-Taylor through PEFT's own door (get_peft_model + LieraPeftConfig)
 SETTINGS = ["fp32", "bf16-autocast", "bf16", "4bit", "8bit"]
 AUTOCAST = {"bf16-autocast", "4bit", "8bit"}
 # the goals: under bf16 autocast <= 1.15x PEFT LoRA's step and <= 0.5x HiRA's; on a 4-bit base peak memory
@@ -99,9 +99,9 @@ def variant(model: nn.Module, name: str) -> nn.Module:
         if name == "peft-liera":
             import peft
 
-            from liera.integrations.peft import LieraConfig
+            from liera.integrations.peft import LieraPeftConfig
 
-            return peft.get_peft_model(model, LieraConfig(r=R, liera_alpha=ALPHA, target_modules=TARGETS))
+            return peft.get_peft_model(model, LieraPeftConfig(r=R, liera_alpha=ALPHA, target_modules=TARGETS))
         wrapped, _ = prepare_arm(name, model, r=R, alpha=ALPHA, target_modules=TARGETS)
     return wrapped
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generators import LAYER_SCALINGS, get_generator
+from .generators import check_layer_scaling, get_generator
 from .group import MULTIPLICATIVE, TAYLOR, check_update, exp_map
 from .names import pattern_matches, warn_user
 from .version import __version__
@@ -115,12 +115,7 @@ class LieRAConfig:
                 f"{self.update_branch!r}; 'float32' keeps small updates on a bf16/fp16 base at the cost "
                 f"of one float32 op."
             )
-        if self.layer_scaling not in LAYER_SCALINGS:
-            raise ValueError(
-                f"LieRAConfig: layer_scaling must be one of {list(LAYER_SCALINGS)}, got "
-                f"{self.layer_scaling!r}; 'rms' scales each layer's D by 1 / rms(W) (one learning rate "
-                f"for layers of any weight scale)."
-            )
+        check_layer_scaling(self.layer_scaling, "LieRAConfig")
         if not isinstance(self.keep_zeros, bool):
             raise ValueError(
                 f"LieRAConfig: keep_zeros must be True or False, got {self.keep_zeros!r}; True says the "

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from .autograd import autocast_dtype, recomputed_op, run_op
 from .generators import Generator
-from .layers import BINDERS, WeightOp
+from .layers import BINDERS, RowGather, WeightOp
 from .weight import ADAPTER_PREFIX, AdaptedWeight, AdapterSettings, adapted_weights_of, quantization_of
 
 # Tensor properties and methods that only read metadata: they see the base weight unchanged.
@@ -78,10 +78,10 @@ def intercept(
     op = binder(args, kwargs, weight) if binder is not None else None
     params = adapted.params(names)
     grad_needed = torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in params))
-    if getattr(op, "gathers_rows", False):
+    if isinstance(op, RowGather):
         if (grad_needed or training) and not adapted.has_transform(names):
-            return adapted.effective_rows(weight, cast(Any, op).index, names)
-        op = None
+            return adapted.effective_rows(weight, op.index, names)
+        op = None  # in eval the cached W_eff serves every lookup; a transform (DoRA) needs the whole weight
     if op is not None:
         out = run_bound(adapted, op, weight, names, training)
         if out is not None:

@@ -49,6 +49,28 @@ def atomic_write(path: PathLike, write: Callable[[str], object]) -> None:
         raise
 
 
+def write_folder(
+    directory: PathLike,
+    config_text: str,
+    tensors: Mapping[str, Tensor],
+    safe_serialization: bool = True,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """The one writer of adapter folders (liera's own, PEFT-native LieRA, PEFT HiRA): the tensors (safetensors, or
+    torch's pickle without safe_serialization), then adapter_config.json, each written atomically."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot save the adapter to {str(directory)!r}: it is a file; pass a directory path.")
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if safe_serialization:
+        meta = {"format": "pt", **(metadata or {})}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata=meta))
+    else:
+        atomic_write(directory / WEIGHTS_NAME_PT, lambda tmp: torch.save(payload, tmp))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+
+
 def save_adapter_files(
     directory: PathLike,
     config: LieRAConfig,
@@ -56,24 +78,12 @@ def save_adapter_files(
     safe_serialization: bool = True,
     weight_shapes: Mapping[str, tuple] | None = None,
 ) -> None:
-    """weight_shapes (adapted weight key -> shape) goes into the file's metadata, so that tools such as
-    `liera merge` and `liera inspect` can rebuild the generators without the model's code."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"cannot save the adapter to {str(directory)!r}: it is a file; pass a directory path.")
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if safe_serialization:
-        metadata = {
-            "format": "pt",
-            "library": "liera",
-            "weight_shapes": json.dumps({k: list(v) for k, v in (weight_shapes or {}).items()}),
-        }
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata=metadata))
-    else:
-        atomic_write(directory / WEIGHTS_NAME_PT, lambda tmp: torch.save(payload, tmp))
-    text = config.to_json()
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    """A liera adapter folder. weight_shapes (adapted weight key -> shape) goes into the file's metadata, so that
+    tools such as `liera merge` and `liera inspect` can rebuild the generators without the model's code."""
+    shapes = json.dumps({k: list(v) for k, v in (weight_shapes or {}).items()})
+    write_folder(
+        directory, config.to_json(), tensors, safe_serialization, metadata={"library": "liera", "weight_shapes": shapes}
+    )
 
 
 def adapter_folder(path: PathLike) -> Path:
@@ -101,41 +111,85 @@ def check_not_input(source: PathLike, target: PathLike, what: str) -> None:
         )
 
 
-def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tensor]]:
-    """Read and validate an adapter folder (or a path to one of its files); raise a clear error naming what is wrong."""
+def unreadable(path: PathLike, exc: Exception) -> ValueError:
+    """The error for a weights file that safetensors or torch cannot read."""
+    return ValueError(
+        f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
+        f"Save the adapter again (save_pretrained) or copy it again whole."
+    )
+
+
+def _weights_file(directory: Path) -> Path | None:
+    return next((p for p in (directory / WEIGHTS_NAME, directory / WEIGHTS_NAME_PT) if p.is_file()), None)
+
+
+def _checked_folder(directory: PathLike, weights: bool) -> Path:
+    """The adapter folder of ``directory``, checked to hold adapter_config.json (and a weights file if ``weights``);
+    raise naming every file that is missing."""
     directory = adapter_folder(directory)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"adapter directory {str(directory)!r} does not exist (or is not a directory); "
             f"pass the directory that save_pretrained wrote."
         )
-    config_path = directory / CONFIG_NAME
-    weights = [p for p in (directory / WEIGHTS_NAME, directory / WEIGHTS_NAME_PT) if p.is_file()]
-    missing = [n for n, ok in ((CONFIG_NAME, config_path.is_file()), (WEIGHTS_NAME, bool(weights))) if not ok]
+    present = ((CONFIG_NAME, (directory / CONFIG_NAME).is_file()), (WEIGHTS_NAME, _weights_file(directory) is not None))
+    missing = [name for name, ok in present[: 2 if weights else 1] if not ok]
     if missing:
         raise FileNotFoundError(
-            f"adapter directory {str(directory)!r} lacks {missing}; a liera adapter needs "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME} (written by save_pretrained)."
+            f"adapter directory {str(directory)!r} lacks {missing}; an adapter folder holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} (written by save_pretrained): copy the whole folder."
         )
+    return directory
+
+
+def read_config_data(directory: PathLike, weights: bool = False) -> dict:
+    """adapter_config.json of an adapter folder (or of the folder of one of its files) as a dict, checked to be a
+    JSON object (``weights``: the weights file must be there too); raise naming what is wrong."""
+    config_path = _checked_folder(directory, weights) / CONFIG_NAME
     try:
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{config_path} is not valid JSON ({exc}); the adapter config is damaged.") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{config_path} does not hold a JSON object; it is not a liera adapter config.")
-    config = LieRAConfig.from_dict(data)
-    path = weights[0]
+        raise ValueError(f"{config_path} does not hold a JSON object; it is not an adapter config.")
+    return data
+
+
+def read_folder(directory: PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """The one reader of adapter folders (liera's own, PEFT-native LieRA, PEFT HiRA): the config as a dict and the
+    tensors, every file checked (present, valid JSON, weights readable and whole); raise naming what is wrong."""
+    data = read_config_data(directory, weights=True)
+    path = _weights_file(adapter_folder(directory))
+    assert path is not None  # read_config_data checked it
     try:
         if path.name == WEIGHTS_NAME:
             tensors = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
-        raise ValueError(
-            f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
-            f"Save the adapter again."
-        ) from exc
-    return config, dict(tensors)
+    except Exception as exc:  # safetensors and torch raise several types for truncated or corrupt files
+        raise unreadable(path, exc) from exc
+    return data, dict(tensors)
+
+
+def read_tensor_shapes(directory: PathLike) -> dict[str, tuple]:
+    """Tensor name -> shape of an adapter folder's weights, from the file's header only (safetensors checks that the
+    header is whole and that the file covers every tensor it lists, so a truncated file fails here)."""
+    path = _weights_file(_checked_folder(directory, weights=True))
+    assert path is not None  # _checked_folder checked it
+    try:
+        if path.name == WEIGHTS_NAME:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    except Exception as exc:  # safetensors and torch raise several types for truncated or corrupt files
+        raise unreadable(path, exc) from exc
+
+
+def read_adapter_files(directory: PathLike) -> tuple[LieRAConfig, dict[str, Tensor]]:
+    """Read and validate a liera adapter folder (or a path to one of its files); raise a clear error naming what is
+    wrong."""
+    data, tensors = read_folder(directory)
+    return LieRAConfig.from_dict(data), tensors
 
 
 def read_weight_shapes(directory: PathLike) -> dict[str, tuple]:

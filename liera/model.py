@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import io
+from . import io, lifecycle
 from .config import LieRAConfig
 from .group import MULTIPLICATIVE
 from .interception import attach, detach
-from .names import warn_user
+from .lifecycle import Adapted
 from .saved import add_copies, choose, file_keys, make_copies, release, remove_copies, saved_holders
 from .sparsity import LayerSparsity
 from .targeting import model_sparsity, plan_adapter, report_zero_entries, saved_modules, warn_zero_entries
-from .weight import AdaptedWeight, adapted_weights_of, check_mergeable, is_sharded
+from .weight import AdaptedWeight, adapted_weights_of, is_sharded
 
 DEFAULT_ADAPTER = "default"
 Names = str | Sequence[str] | None
@@ -99,6 +99,10 @@ class LieRAModel(nn.Module):
         for path, module in self.base_model.named_modules():
             for adapted in adapted_weights_of(module):
                 yield (f"{path}.{adapted.param_name}" if path else adapted.param_name), module, adapted
+
+    def weights(self) -> list[Adapted]:
+        """Every adapted weight as the shared lifecycle (liera.lifecycle) takes it: key, tensor, adapters."""
+        return [Adapted(key, adapted.owner_weight(owner), adapted) for key, owner, adapted in self.adapted_weights()]
 
     @torch.no_grad()
     def weight_changes(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -222,13 +226,12 @@ class LieRAModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters active (several compose by the group product); only they train."""
         names = self.known(adapter_name)
-        weights = [a for _, _, a in self.adapted_weights()]
-        for adapted in weights:  # check every weight before any changes
-            adapted.check_activate(names)
+        weights = self.weights()
+        lifecycle.check_activate(weights, names)  # every weight before any change
         choose([h for _, _, h in saved_holders(self.base_model)], names, False)  # raises for two copies of one module
         self._active = names
-        for adapted in weights:
-            adapted.activate(names)
+        for item in weights:
+            item.adapters.activate(names)
         self._refresh_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -277,33 +280,13 @@ class LieRAModel(nn.Module):
         could not undo) and raises before any weight changes. keep_merge_copy keeps the pre-merge weight
         for a bit-exact unmerge of bf16/fp16 models. dtype: precision the merge is computed in.
         """
-        names = self.known(adapter_names)
-        already = sorted({n for _, _, a in self.adapted_weights() for n in names if n in a.merged})
-        if already:
-            warn_user(f"adapter(s) {already} already merged; merging again changes nothing.")
-        jobs = [
-            (key, a.owner_weight(owner), a, todo)
-            for key, owner, a in self.adapted_weights()
-            for todo in [a.to_merge(names)]
-            if todo
-        ]
-        for key, weight, adapted, todo in jobs:  # check everything before touching anything
-            check_mergeable(weight, key)
-            if safe_merge:
-                adapted.check_merge(weight, todo, dtype, key)
-        singular = sum(adapted.merge(weight, todo, dtype, keep_merge_copy) for _, weight, adapted, todo in jobs)
-        if singular:
-            warn_user(
-                f"merge: {singular} weight entries have a Taylor factor 1 + D near 0 (or, with keep_zeros, "
-                f"became exact zeros); unmerge_adapter() cannot "
-                f"recover them (use safe_merge=True to refuse such merges, or keep_merge_copy=True)."
-            )
+        lifecycle.merge(
+            self.weights(), self.known(adapter_names), safe_merge=safe_merge, dtype=dtype, keep_copy=keep_merge_copy
+        )
 
     def unmerge_adapter(self, adapter_names: Names = None, dtype: torch.dtype = torch.float32) -> None:
         """Undo merges with the group inverse (W <- W * g(D)^-1); exact where a copy was kept."""
-        names = None if adapter_names is None else self.known(adapter_names)
-        for _, owner, adapted in self.adapted_weights():
-            adapted.unmerge(adapted.owner_weight(owner), names, dtype)
+        lifecycle.unmerge(self.weights(), None if adapter_names is None else self.known(adapter_names), dtype)
 
     def merge_and_unload(self, adapter_names: Names = None, safe_merge: bool = False) -> nn.Module:
         """Merge the adapters into the weights and return the plain base model (no liera left); a module in

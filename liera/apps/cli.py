@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 COMMANDS = {  # name -> one-line help (what `liera --help` lists without importing anything)
     "demo": "compare LieRA with LoRA, PEFT's LoRA and a linear probe on a real pretrained CNN (EfficientNet-Lite0)",
@@ -96,10 +94,12 @@ def _merge_arguments(p: argparse.ArgumentParser) -> Callable:
 def _liera_format(adapter: str) -> Iterator[str]:
     """A liera adapter folder for ``adapter``: itself, or, for a PEFT-native LieRA folder (peft_type "LIERA"), its
     conversion into a temporary folder, so that inspect and merge read both kinds."""
-    folder = _input_folder(adapter)
+    from .. import io
+
     try:
-        native = json.loads((folder / "adapter_config.json").read_text()).get("peft_type") == "LIERA"
-    except (OSError, ValueError, AttributeError):
+        folder = io.adapter_folder(adapter)
+        native = io.read_config_data(folder).get("peft_type") == "LIERA"
+    except (OSError, ValueError):
         native = False  # not readable here: the reader below says what is wrong
     if not native:
         yield adapter
@@ -173,27 +173,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> Callable:
     return _convert
 
 
-def _input_folder(adapter: str) -> Path:
-    """The folder of ``adapter`` (a folder or one of its files)."""
-    source = Path(adapter)
-    return source.parent if source.is_file() else source
-
-
-def _same_folder(adapter: str, out: str) -> bool:
-    """Whether ``out`` is the folder of ``adapter``: both formats use the same two file names, so writing there would
-    replace the input."""
-    source, target = _input_folder(adapter), Path(out)
-    return target.exists() and source.exists() and target.resolve() == source.resolve()
-
-
 def _convert(args) -> int:
-    if _same_folder(args.adapter, args.out):
-        raise ValueError(
-            f"--out {args.out!r} is the input adapter folder; convert never overwrites its input (both "
-            f"formats write adapter_config.json and adapter_model.safetensors, so the original would be "
-            f"replaced). Choose another folder, e.g. "
-            f"--out {_input_folder(args.adapter).resolve().name}-{args.to}."
-        )
     from ..integrations import peft as peft_method
 
     convert = peft_method.liera_to_peft if args.to == "peft" else peft_method.peft_to_liera

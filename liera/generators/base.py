@@ -26,6 +26,15 @@ from torch import Tensor, nn
 LAYER_SCALINGS = ("none", "rms")
 
 
+def check_layer_scaling(value: str, where: str) -> None:
+    """The one check of the layer_scaling option (LieRAConfig and a generator built directly both call it)."""
+    if value not in LAYER_SCALINGS:
+        raise ValueError(
+            f"{where}: layer_scaling must be one of {list(LAYER_SCALINGS)}, got {value!r}; 'rms' scales each "
+            f"layer's D by 1 / rms(W) (one learning rate for layers of any weight scale)."
+        )
+
+
 def rms_scale(weight: Tensor) -> float:
     """1 / rms(W): the factor that gives every layer the same typical relative step under LieRA."""
     rms = float(weight.detach().double().pow(2).mean().sqrt())
@@ -63,8 +72,7 @@ class Generator(nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"generator {self.name!r} got unknown generator_kwargs {sorted(kwargs)}")
-        if layer_scaling not in LAYER_SCALINGS:
-            raise ValueError(f"unknown layer_scaling {layer_scaling!r}; use one of {list(LAYER_SCALINGS)}.")
+        check_layer_scaling(layer_scaling, type(self).__name__)
         self.shape = tuple(weight.shape)
         self.r = int(r)
         self.alpha = float(alpha)

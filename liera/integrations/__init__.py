@@ -1,6 +1,7 @@
 """Bridges to other tools, each importing its tool only when used:
 
-* ``peft``: LieRA as a PEFT method (``LieraConfig`` for ``peft.get_peft_model``, ``LieraModel``, ``LieraLayer``) and
+* ``peft``: LieRA as a PEFT method (``LieraPeftConfig`` for ``peft.get_peft_model``, the tuner ``LieraTuner``,
+  ``LieraLayer``; the names say the PEFT door, beside liera's own ``LieRAConfig`` / ``LieRAModel``) and
   folder conversions between PEFT's files and liera's (``liera_to_peft``, ``peft_to_liera``); importing it
   registers the method with PEFT;
 * ``hira``: export a LieRA-Taylor adapter as a PEFT HiRA adapter and import one back (``export_peft``,
@@ -24,7 +25,9 @@ _LAZY = {
     "LieRASaveCallback": "trainer",
     "merge_file": "statedict",
     "inspect_adapter": "statedict",
-    "LieraConfig": "peft",
+    "LieraPeftConfig": "peft",
+    "LieraTuner": "peft",
+    "LieraConfig": "peft",  # deprecated names of the two above (the module warns)
     "LieraModel": "peft",
     "LieraLayer": "peft",
     "liera_to_peft": "peft",

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import io
@@ -130,37 +128,26 @@ def export_peft(model: LieRAModel, save_directory: PathLike, adapter_name: str |
         "base_model_name_or_path": None,
         "revision": None,
     }
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    io.atomic_write(directory / io.WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2)
-    io.atomic_write(directory / io.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    io.write_folder(save_directory, json.dumps(config, indent=2), tensors)
 
 
 def import_peft(
     model: nn.Module, directory: PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
 ) -> LieRAModel:
     """Load a PEFT HiRA adapter as a liera adapter (LieRA-Taylor, LoRA generator, scale folded in)."""
-    directory = Path(directory)
-    config_path, weights_path = directory / io.CONFIG_NAME, directory / io.WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
-            f"{str(directory)!r} is not a PEFT adapter directory (needs {io.CONFIG_NAME} and {io.WEIGHTS_NAME})."
-        )
-    peft_cfg = json.loads(config_path.read_text())
+    peft_cfg, raw = io.read_folder(directory)
     kind = peft_cfg.get("peft_type")
     if kind != "HIRA":
         raise ValueError(
             f"{str(directory)!r} holds a PEFT {kind!r} adapter; liera.import_peft reads HiRA adapters "
             f"only (HiRA is LieRA-Taylor); load {kind} adapters with peft itself."
         )
-    raw = load_file(str(weights_path))
     base = model.base_model if isinstance(model, LieRAModel) else model
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
         if not key.startswith(PREFIX):
-            raise ValueError(f"unexpected key {key!r} in {weights_path} (PEFT keys start with {PREFIX!r}).")
+            raise ValueError(f"unexpected key {key!r} in {str(directory)!r} (PEFT keys start with {PREFIX!r}).")
         path, _, suffix = key[len(PREFIX) :].rpartition(".")
         if suffix.startswith("hira_"):
             factors.setdefault(path, {})[suffix] = t

@@ -1,10 +1,11 @@
-"""LieRA as a PEFT method: ``peft.get_peft_model(model, LieraConfig(...))``.
+"""LieRA as a PEFT method: ``peft.get_peft_model(model, LieraPeftConfig(...))``.
 
 Importing this module registers the method with PEFT (peft_type "LIERA", parameter prefix "liera_"). PEFT wraps
 each adapted module (or raw parameter) in one ``LieraLayer``, a PEFT tuner layer holding liera's ``AdaptedWeight``
 that runs its base layer inside ``liera.interception.redirect``: the generators (built by ``build_adapter``), the group
-map, the fast path and the merge math are liera's own, as in ``LieRAModel``; nothing is computed twice. PEFT's
-machinery does the rest: adapter names, set_adapter, disable_adapter, merge_and_unload, modules_to_save,
+map, the fast path and the merge math are liera's own, as in ``LieRAModel``; nothing is computed twice. The
+model-wide merges and activation checks run ``liera.lifecycle``, as LieRAModel's do (every layer checked before any
+changes). PEFT's machinery does the rest: adapter names, set_adapter, disable_adapter, unloading, modules_to_save,
 save_pretrained / PeftModel.from_pretrained, and transformers.Trainer's adapter-only checkpoints.
 
 A folder PEFT writes for this method says ``"peft_type": "LIERA"`` and ``"requires": "import
@@ -50,17 +51,16 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper  # noqa: E402
 from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .. import io  # noqa: E402
+from .. import io, lifecycle  # noqa: E402
 from ..config import PEFT_IMPORT, PEFT_TYPE, TARGET_SHORTCUTS, LieRAConfig  # noqa: E402
 from ..interception import quantized_forward, redirect  # noqa: E402
 from ..layers import kind_of, supported_kinds_text  # noqa: E402
+from ..lifecycle import Adapted  # noqa: E402
 from ..names import name_matches  # noqa: E402
 from ..targeting import MODULES_TO_SAVE, find_targets  # noqa: E402
-from ..weight import AdaptedWeight, build_adapter, check_mergeable, float_weight, quantization_of  # noqa: E402
+from ..weight import AdaptedWeight, build_adapter, float_weight, quantization_of  # noqa: E402
 from .statedict import adapters_by_weight  # noqa: E402
 
 PathLike = str | os.PathLike
@@ -72,7 +72,7 @@ BASE_LAYER = "base_layer"  # PEFT's name for the module a tuner layer wraps
 PEFT_KEY_PREFIX = "base_model.model."  # what PEFT's files put before module paths
 SAVED = MODULES_TO_SAVE + "."  # liera's file keys of modules trained in full: modules_to_save.<path>.<param>
 BIASES = ("none", "all", "liera_only")
-# LieRAConfig field -> LieraConfig field, where PEFT's naming convention differs (LoraConfig's lora_alpha, lora_dropout)
+# LieRAConfig field -> LieraPeftConfig field, where PEFT's naming differs (LoraConfig's lora_alpha, lora_dropout)
 RENAMED = {"alpha": "liera_alpha", "dropout": "liera_dropout"}
 # Default targets per transformers model type (used when target_modules is None): PEFT's LoRA table, and for LLaMA
 # the projections the LieRA paper adapts.
@@ -117,7 +117,7 @@ def _same_as(name: str, help: str) -> Any:
 
 
 @dataclass
-class LieraConfig(PeftConfig):
+class LieraPeftConfig(PeftConfig):
     """PEFT config of a LieRA adapter: liera's LieRAConfig options (same meaning, same defaults; see its docstring)
     under PEFT's names, plus PEFT's usual targeting options.
 
@@ -169,7 +169,7 @@ class LieraConfig(PeftConfig):
     bias: str = field(default="none", metadata={"help": "'none', 'all' or 'liera_only' (PEFT only)"})
     adapted_layers: dict[str, dict[str, Any]] = field(
         default_factory=dict,
-        metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraModel)"},
+        metadata={"help": "LieraLayer path -> {'param': name, 'shape': [...]} (filled by LieraTuner)"},
     )
     requires: str = field(default=PEFT_IMPORT, metadata={"help": "what to import before PEFT can load this adapter"})
 
@@ -181,12 +181,12 @@ class LieraConfig(PeftConfig):
                 [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
             )
         if self.bias not in BIASES:
-            raise ValueError(f"LieraConfig: bias must be one of {list(BIASES)}, got {self.bias!r}.")
+            raise ValueError(f"LieraPeftConfig: bias must be one of {list(BIASES)}, got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("LieraConfig: layers_pattern needs layers_to_transform (the indices to adapt).")
+            raise ValueError("LieraPeftConfig: layers_pattern needs layers_to_transform (the indices to adapt).")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
-                "LieraConfig: layers_to_transform works with a list of target_modules, not a regex or a "
+                "LieraPeftConfig: layers_to_transform works with a list of target_modules, not a regex or a "
                 "shortcut; write the indices into the regex instead."
             )
         try:
@@ -199,13 +199,13 @@ class LieraConfig(PeftConfig):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: PathLike, subfolder: str | None = None, **kwargs: Any
-    ) -> LieraConfig:
-        """PEFT's config reader; a config read from a local folder remembers it, so that LieraModel can check the
+    ) -> LieraPeftConfig:
+        """PEFT's config reader; a config read from a local folder remembers it, so that LieraTuner can check the
         folder's tensors against the model before PEFT injects anything (PeftModel.from_pretrained and load_adapter
         read the config first, then inject, then load the tensors)."""
         config = super().from_pretrained(os.fspath(pretrained_model_name_or_path), subfolder=subfolder, **kwargs)
         folder = Path(pretrained_model_name_or_path, subfolder or "")
-        if isinstance(config, LieraConfig) and (folder / io.CONFIG_NAME).is_file():
+        if isinstance(config, LieraPeftConfig) and (folder / io.CONFIG_NAME).is_file():
             config._loaded_from = folder
         return config
 
@@ -237,21 +237,21 @@ class LieraConfig(PeftConfig):
         ]
         if peft_only:
             raise ValueError(
-                f"LieraConfig: {peft_only} have no equivalent in liera's own LieRAConfig; select layers "
+                f"LieraPeftConfig: {peft_only} have no equivalent in liera's own LieRAConfig; select layers "
                 f"with target_modules (a list of paths or a regex) and leave bias='none'."
             )
         return LieRAConfig(**self._liera_fields())
 
     @classmethod
-    def from_liera_config(cls, config: LieRAConfig, **kwargs: Any) -> LieraConfig:
+    def from_liera_config(cls, config: LieRAConfig, **kwargs: Any) -> LieraPeftConfig:
         """The PEFT config of the adapter a LieRAConfig describes (kwargs: PEFT's own fields, e.g. task_type)."""
         return cls(**{RENAMED.get(name, name): getattr(config, name) for name in _LIERA_FIELDS}, **kwargs)
 
 
 def peft_field_names(message: str) -> str:
-    """A message of liera's LieRAConfig in LieraConfig's words: the user of the PEFT method wrote liera_alpha and
+    """A message of liera's LieRAConfig in LieraPeftConfig's words: the user of the PEFT method wrote liera_alpha and
     liera_dropout, not alpha and dropout (alpha_pattern keeps its name in both)."""
-    message = message.replace("LieRAConfig:", "LieraConfig:")
+    message = message.replace("LieRAConfig:", "LieraPeftConfig:")
     return re.sub(r"\b(alpha|dropout)\b", lambda m: RENAMED[m.group(1)], message)
 
 
@@ -304,7 +304,7 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         assert weight is not None  # update_layer built the adapter on it
         return weight
 
-    def update_layer(self, adapter_name: str, config: LieraConfig, path: str) -> None:
+    def update_layer(self, adapter_name: str, config: LieraPeftConfig, path: str) -> None:
         """Add an adapter built by liera's build_adapter (``path``: the owning module's path, for the patterns)."""
         generator, settings = build_adapter(
             config.adapter_config(), path, self.param_name, float_weight(self.get_base_layer(), self.param_name)
@@ -326,23 +326,17 @@ class LieraLayer(nn.Module, BaseTunerLayer):
 
     # ---- merging: the group map in place, undone by the group inverse (no copy of the weight is kept)
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W <- W * g(D) for the given adapters (default: the active ones). safe_merge: check first (non-finite
-        values, Taylor factors 1 + D near 0 that an unmerge could not undo) and raise before any change."""
-        todo = self.liera_adapters.to_merge(check_adapters_to_merge(self, adapter_names))
-        if not todo:
-            return
-        weight = self.base_weight()
-        check_mergeable(weight, self.param_name)
-        if safe_merge:
-            self.liera_adapters.check_merge(weight, todo, torch.float32, self.param_name)
-        singular = self.liera_adapters.merge(weight, todo)
-        if singular:
-            warnings.warn(
-                f"merge: {singular} entries of {self.param_name} have a Taylor factor 1 + D near 0 (or, with "
-                f"keep_zeros, became exact zeros); unmerge() "
-                f"cannot recover them (safe_merge=True refuses such merges).",
-                stacklevel=2,
-            )
+        """W <- W * g(D) for the given adapters (default: the active ones), by liera's lifecycle. safe_merge: check
+        first (non-finite values, Taylor factors 1 + D near 0 that an unmerge could not undo) and raise before any
+        change. (The tuner's merge_adapter and merge_and_unload check every layer before this one merges.)"""
+        names = check_adapters_to_merge(self, adapter_names)
+        if names:
+            lifecycle.merge([self.adapted()], names, safe_merge=safe_merge)
+
+    def adapted(self, path: str = "") -> Adapted:
+        """This layer's weight as liera's lifecycle takes it; ``path``: the layer's path in the model (for the key)."""
+        key = f"{_unwrapped(path)}.{self.param_name}" if path else self.param_name
+        return Adapted(key, self.base_weight(), self.liera_adapters)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -358,8 +352,9 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         unmerged first (the group inverse), so that unload gives the base weights back, as LieRAModel.unload does."""
         layer: nn.Module = self
         while isinstance(layer, LieraLayer):
-            if merge:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            if merge:  # the tuner merged every layer already (checked all first); this merges what is left, if any
+                if layer.liera_adapters.to_merge(adapter_names or layer.active_adapters):
+                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             elif layer.merged:
                 layer.unmerge()
             layer = layer.base_layer
@@ -385,7 +380,7 @@ def _unwrapped(path: str) -> str:
     return ".".join(part for part in path.split(".") if part != BASE_LAYER)
 
 
-class LieraModel(BaseTuner):
+class LieraTuner(BaseTuner):
     """PEFT tuner of LieRA: creates LieraLayers; PEFT's BaseTuner does adapters, merging, unloading and files."""
 
     prefix: str = PREFIX
@@ -395,7 +390,9 @@ class LieraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         config = self.peft_config[adapter_name]
-        assert isinstance(config, LieraConfig)  # PEFT builds a LieraModel for peft_type LIERA, i.e. a LieraConfig
+        assert isinstance(
+            config, LieraPeftConfig
+        )  # PEFT builds a LieraTuner for peft_type LIERA, i.e. a LieraPeftConfig
         folder = getattr(config, "_loaded_from", None)
         if folder is not None:  # PeftModel.from_pretrained / load_adapter: check the files before any layer exists
             check_peft_folder(model, config, folder)
@@ -406,7 +403,7 @@ class LieraModel(BaseTuner):
             if isinstance(layer, LieraLayer) and adapter_name in layer.liera_adapters
         }
 
-    def _prepare_adapter_config(self, peft_config: LieraConfig, model_config: dict) -> LieraConfig:
+    def _prepare_adapter_config(self, peft_config: LieraPeftConfig, model_config: dict) -> LieraPeftConfig:
         """target_modules None: PEFT's defaults for the model type, or none when target_parameters are given (as
         LoraModel does)."""
         if peft_config.target_modules is None:
@@ -415,20 +412,41 @@ class LieraModel(BaseTuner):
                 peft_config.target_modules = default if isinstance(default, str) else set(default)
             elif not peft_config.target_parameters:
                 raise ValueError(
-                    "LieraConfig: set target_modules or target_parameters (no defaults are known for "
+                    "LieraPeftConfig: set target_modules or target_parameters (no defaults are known for "
                     f"model type {model_config['model_type']!r})."
                 )
         return peft_config
 
-    def _check_merge_allowed(self) -> None:
-        """PEFT calls this before merge_adapter and merge_and_unload touch any layer: refuse a quantized base here,
-        so that a model with float and quantized layers is not left half merged."""
-        super()._check_merge_allowed()
-        for name, module in self.model.named_modules():
-            if isinstance(module, LieraLayer):
-                check_mergeable(module.base_weight(), name)
+    def weights(self) -> list[Adapted]:
+        """Every adapted weight of the model as liera's lifecycle takes it (key in the plain model, tensor,
+        adapters): the door's merges and activation run liera.lifecycle, as LieRAModel's do."""
+        return [layer.adapted(path) for path, layer in self.model.named_modules() if isinstance(layer, LieraLayer)]
 
-    def _prepare_model(self, peft_config: LieraConfig, model: nn.Module) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's merge_adapter with liera's guarantee: every layer is checked (a quantized base, and with
+        safe_merge what a merge could not undo) before any layer merges; a refused merge leaves the model as it was.
+        (PEFT's own loop merges layer by layer and would leave the model half merged.)"""
+        self._check_merge_allowed()
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        lifecycle.merge(self.weights(), names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> Any:  # PEFT annotates None, but returns the unloaded model (merge_and_unload returns it)
+        """merge_and_unload: merge every layer first (all checked before any changes), then PEFT unloads."""
+        if merge:
+            names = self.active_adapters if adapter_names is None else list(adapter_names)
+            merged = {n for item in self.weights() for n in item.adapters.merged}
+            self.merge_adapter([n for n in names if n not in merged], safe_merge=safe_merge)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _prepare_model(self, peft_config: LieraPeftConfig, model: nn.Module) -> None:
         """liera's target shortcuts ("all-linear", "all-conv", "all") become the modules liera itself adapts (PEFT
         knows only "all-linear", by its own rule)."""
         if isinstance(peft_config.target_modules, str) and peft_config.target_modules in TARGET_SHORTCUTS:
@@ -442,7 +460,7 @@ class LieraModel(BaseTuner):
 
     def _create_and_replace(
         self,
-        peft_config: LieraConfig,
+        peft_config: LieraPeftConfig,
         adapter_name: str,
         target: nn.Module,
         target_name: str,
@@ -497,9 +515,7 @@ class LieraModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for module in self.model.modules():  # several adapters must compose: check every layer before any change
-            if isinstance(module, LieraLayer):
-                module.liera_adapters.check_activate(names)
+        lifecycle.check_activate(self.weights(), names)  # several adapters must compose: every layer before any change
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     @classmethod
@@ -513,41 +529,17 @@ class LieraModel(BaseTuner):
 
 
 def _register() -> None:
-    """Make PEFT build LieraModel for a LieraConfig (and read "peft_type": "LIERA" folders). A reload of this module
+    """Make PEFT build LieraTuner for a LieraPeftConfig (and read "peft_type": "LIERA" folders). A reload of this module
     registers its new classes in place of the old ones."""
     for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
         table.pop(LIERA, None)
-    register_peft_method(name=PEFT_TYPE.lower(), config_cls=LieraConfig, model_cls=LieraModel, prefix=PREFIX)
+    register_peft_method(name=PEFT_TYPE.lower(), config_cls=LieraPeftConfig, model_cls=LieraTuner, prefix=PREFIX)
 
 
 _register()
 
 
 # ---------------------------------------------------------------------------------------------- load checks
-def _file_shapes(folder: Path) -> dict[str, tuple]:
-    """Tensor name -> shape of a PEFT folder's weights file, read from the header only (safetensors checks that
-    the header is whole and that the file covers every tensor it lists, so a truncated file fails here)."""
-    path = folder / io.WEIGHTS_NAME
-    if not path.is_file():
-        path = folder / io.WEIGHTS_NAME_PT
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} has {io.CONFIG_NAME} but no {io.WEIGHTS_NAME}; copy the whole "
-                f"folder that save_pretrained wrote. Nothing was injected: the model is unchanged."
-            )
-    try:
-        if path.name == io.WEIGHTS_NAME:
-            with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-    except Exception as exc:  # safetensors and torch raise several types for truncated or corrupt files
-        raise ValueError(
-            f"cannot read {path}: the file is truncated or corrupted ({type(exc).__name__}: {exc}). "
-            f"Save the adapter again (save_pretrained) or copy it again whole. Nothing was injected: "
-            f"the model is unchanged."
-        ) from exc
-
-
 def _model_weight(model: nn.Module, path: str, param: str) -> Tensor | None:
     """The parameter ``param`` of the module at ``path`` (inside any LieraLayer already there), None if absent."""
     try:
@@ -571,16 +563,19 @@ def _generator_shapes(config: LieRAConfig, path: str, param: str, weight: Tensor
     return {k: tuple(v.shape) for k, v in generator.state_dict().items()}
 
 
-def check_peft_folder(model: nn.Module, config: LieraConfig, folder: PathLike) -> None:
+def check_peft_folder(model: nn.Module, config: LieraPeftConfig, folder: PathLike) -> None:
     """Check a PEFT-native LieRA folder against ``model`` before any layer is injected: the weights file is
     readable and whole, every adapted weight it records exists in the model with the recorded shape, and its
     adapter tensors are those (names and shapes) liera builds for this config on this model; modules trained in
     full must match the model's parameters. Raise naming the problem and the fix; the model is not touched."""
     folder = Path(folder)
-    shapes = _file_shapes(folder)
+    unchanged = "Nothing was injected: the model is unchanged."
+    try:
+        shapes = io.read_tensor_shapes(folder)
+    except (OSError, ValueError) as exc:
+        raise type(exc)(f"{exc} {unchanged}") from exc
     if not config.adapted_layers or getattr(model, "_checkpoint_conversion_mapping", None):
         return  # no record to check against, or transformers renames keys while PEFT loads them
-    unchanged = "Nothing was injected: the model is unchanged."
     fix = (
         f"Load {str(folder)!r} on the base model it was trained on, with the adapter_config.json saved with it. "
         f"{unchanged}"
@@ -653,38 +648,19 @@ def _build_order(shapes: dict[str, tuple], base_model: nn.Module | None) -> list
     return order
 
 
-def _write_peft(directory: PathLike, config: LieraConfig, tensors: dict[str, Tensor]) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+def _write_peft(directory: PathLike, config: LieraPeftConfig, tensors: dict[str, Tensor]) -> None:
     data = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    text = json.dumps(data, indent=2, sort_keys=True)
-    io.atomic_write(directory / io.WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
-    io.atomic_write(directory / io.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    io.write_folder(directory, json.dumps(data, indent=2, sort_keys=True), tensors)
 
 
-def _read_peft(directory: PathLike) -> tuple[LieraConfig, dict[str, Tensor]]:
-    directory = Path(directory)
-    config_path = directory / io.CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{str(directory)!r} has no {io.CONFIG_NAME}; pass the folder PEFT's save_pretrained wrote."
-        )
-    data = json.loads(config_path.read_text())
+def _read_peft(directory: PathLike) -> tuple[LieraPeftConfig, dict[str, Tensor]]:
+    data, tensors = io.read_folder(directory)
     if data.get("peft_type") != PEFT_TYPE:
         raise ValueError(
-            f"{config_path} is a {data.get('peft_type') or data.get('library')!r} adapter, not a "
+            f"{str(directory)!r} holds a {data.get('peft_type') or data.get('library')!r} adapter, not a "
             f"PEFT-native LieRA adapter (peft_type {PEFT_TYPE!r})."
         )
-    config = LieraConfig.from_peft_type(**data)
-    weights = directory / io.WEIGHTS_NAME
-    if weights.is_file():
-        tensors = load_file(str(weights))
-    elif (directory / io.WEIGHTS_NAME_PT).is_file():
-        tensors = torch.load(directory / io.WEIGHTS_NAME_PT, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{str(directory)!r} has no {io.WEIGHTS_NAME}.")
-    return config, dict(tensors)
+    return LieraPeftConfig.from_peft_type(**data), tensors
 
 
 def liera_to_peft(liera_adapter_dir: PathLike, out_dir: PathLike, base_model: nn.Module | None = None) -> None:
@@ -702,7 +678,7 @@ def liera_to_peft(liera_adapter_dir: PathLike, out_dir: PathLike, base_model: nn
     }
     tensors.update({PEFT_KEY_PREFIX + key: t for key, t in saved.items()})
     adapted = {layers[key]: {"param": key.rpartition(".")[2], "shape": list(shapes[key])} for key in order}
-    peft_config = LieraConfig.from_liera_config(config, adapted_layers=adapted)
+    peft_config = LieraPeftConfig.from_liera_config(config, adapted_layers=adapted)
     _write_peft(out_dir, peft_config, tensors)
 
 
@@ -714,7 +690,7 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
     config, tensors = _read_peft(peft_dir)
     if not config.adapted_layers:
         raise ValueError(
-            f"{peft_dir}: adapter_config.json has no adapted_layers (LieraModel records them); the "
+            f"{peft_dir}: adapter_config.json has no adapted_layers (LieraTuner records them); the "
             f"folder was not written by this PEFT method."
         )
     by_layer = {layer: f"{_unwrapped(layer)}.{info['param']}" for layer, info in config.adapted_layers.items()}
@@ -742,3 +718,22 @@ def peft_to_liera(peft_dir: PathLike, out_dir: PathLike) -> None:
         out,
         weight_shapes={by_layer[layer]: tuple(info["shape"]) for layer, info in config.adapted_layers.items()},
     )
+
+
+# ---------------------------------------------------------------------------------------------- old names
+DEPRECATED_NAMES = {"LieraConfig": "LieraPeftConfig", "LieraModel": "LieraTuner"}
+
+
+def __getattr__(name: str) -> Any:
+    """The names this door had until 2026-12 (they differed from liera's own LieRAConfig / LieRAModel by capitals
+    only), with a DeprecationWarning."""
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"liera.integrations.peft.{name} is now {new}: the name says it is PEFT's door (liera's own API has "
+            f"LieRAConfig / LieRAModel). The old name will be removed; import {new} instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from . import bnb, conv, embedding, gpt2_conv1d, linear
-from .base import Binder, LayerKind, QuantizedWeight, WeightLayout, WeightOp
+from .base import Binder, LayerKind, QuantizedWeight, RowGather, WeightLayout, WeightOp
 
 # bnb before linear: its layers subclass nn.Linear
 LAYER_KINDS: list[LayerKind] = [bnb.KIND, linear.KIND, gpt2_conv1d.KIND, conv.KIND, embedding.KIND]
@@ -32,6 +32,7 @@ def supported_kinds_text() -> str:
 __all__ = [
     "LayerKind",
     "QuantizedWeight",
+    "RowGather",
     "WeightLayout",
     "WeightOp",
     "LAYER_KINDS",

@@ -33,7 +33,18 @@ class WeightOp:
         raise NotImplementedError
 
 
-Binder = Callable[[tuple, dict, Tensor], WeightOp | None]
+@dataclass(frozen=True)
+class RowGather:
+    """One intercepted lookup of rows of the weight (F.embedding): served from the looked-up rows of W_eff alone
+    (cost tokens x dim x r, not vocabulary x dim x r), with plain autograd through those rows. The second kind of
+    intercepted call beside WeightOp: a lookup has no weight-sized product to recompute in backward."""
+
+    index: Tensor
+
+
+# what a kind's binder makes of one torch call that received the weight: an op, a row lookup, or None (the call
+# then receives the effective weight on the generic path)
+Binder = Callable[[tuple, dict, Tensor], WeightOp | RowGather | None]
 Category = Literal["linear", "conv", "embedding"]
 
 

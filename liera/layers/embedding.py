@@ -7,31 +7,22 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerKind, WeightLayout, bind_arguments
+from .base import LayerKind, RowGather, WeightLayout, bind_arguments
 
 
-class EmbeddingRows:
-    """Marks an F.embedding call that can be served from the gathered rows of the effective weight."""
-
-    gathers_rows = True
-
-    def __init__(self, index: Tensor) -> None:
-        self.index = index
-
-
-def _bind_embedding(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> EmbeddingRows | None:
+def _bind_embedding(args: tuple, kwargs: dict[str, Any], weight: Tensor) -> RowGather | None:
     a = bind_arguments(
         ("input", "weight", "padding_idx", "max_norm"), args, kwargs, {"padding_idx": None, "max_norm": None}
     )
     if a["weight"] is not weight or a["max_norm"] is not None:
         return None  # max_norm renormalises W in place: let the generic path handle it
-    return EmbeddingRows(a["input"])
+    return RowGather(a["input"])
 
 
 KIND = LayerKind(
     "Embedding",
     "embedding",
     lambda m: isinstance(m, nn.Embedding),
-    {F.embedding: _bind_embedding},  # type: ignore[dict-item]  # a row gather, not a WeightOp
+    {F.embedding: _bind_embedding},
     layout=WeightLayout.TABLE,
 )

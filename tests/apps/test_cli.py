@@ -164,7 +164,7 @@ def test_convert_refuses_to_write_over_its_input(saved, capsys, monkeypatch, to)
     for source, out in (("ad", "ad"), (str(folder), "./ad/"), (str(folder / "adapter_config.json"), "ad")):
         assert cli.main(["convert", source, "--to", to, "--out", out]) == 2
         err = capsys.readouterr().err
-        assert "never overwrites its input" in err and f"--out ad-{to}" in err
+        assert "never overwrites its input" in err and "ad-converted" in err
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
 
 
@@ -212,7 +212,7 @@ def test_inspect_and_merge_read_a_peft_native_folder(tmp_path, capsys):
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
     base = tmp_path / "base.safetensors"
     save_file(model.state_dict(), str(base))
-    pm = peft.get_peft_model(model, peft_method.LieraConfig(r=2, target_modules=["0"], init_weights=False))
+    pm = peft.get_peft_model(model, peft_method.LieraPeftConfig(r=2, target_modules=["0"], init_weights=False))
     pm.save_pretrained(tmp_path / "peft")
     peft_method.peft_to_liera(tmp_path / "peft", tmp_path / "liera")
     reports = []

@@ -101,8 +101,10 @@ def test_peft_export_folds_the_scale(tmp_path):
 
 
 def test_bad_values_are_refused_without_changing_the_model():
-    with pytest.raises(ValueError, match="layer_scaling must be one of"):
+    with pytest.raises(ValueError, match="^LieRAConfig: layer_scaling must be one of"):
         liera.LieRAConfig(target_modules=["0"], layer_scaling="l2")
+    with pytest.raises(ValueError, match="^LoRAGenerator: layer_scaling must be one of"):  # the same check
+        liera.generators.get_generator("lora")(torch.ones(3, 3), r=1, alpha=1.0, layer_scaling="l2")
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     with torch.no_grad():
         model[1].weight.zero_()

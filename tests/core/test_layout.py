@@ -19,7 +19,7 @@ ROOT = Path(liera.__file__).parent
 DOCS = ROOT.parent / "docs" / "layout.md"
 # the core, in dependency order: a module may import only modules before it (a package counts as one entry)
 CORE_ORDER = ["liera.version", "liera.group", "liera.sparsity", "liera.names", "liera.generators", "liera.config",
-              "liera.layers", "liera.autograd", "liera.weight", "liera.interception", "liera.targeting", "liera.saved", "liera.io",
+              "liera.layers", "liera.autograd", "liera.weight", "liera.interception", "liera.lifecycle", "liera.targeting", "liera.saved", "liera.io",
               "liera.model", "liera"]
 LAYERS = {"core": 0, "integrations": 1, "apps": 2}
 

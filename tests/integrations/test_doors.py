@@ -1,5 +1,5 @@
 """One property matrix run against both front doors of liera's adapters (issue 30), after PEFT's own test matrix:
-door ("liera": liera.get_liera_model, "peft": peft.get_peft_model with LieraConfig) x small models x exp map.
+door ("liera": liera.get_liera_model, "peft": peft.get_peft_model with LieraPeftConfig) x small models x exp map.
 
 Each property is written once against ``Door``, a small adapter-door abstraction (wrap, add / set / delete adapter,
 disable, merge, unmerge, merge_and_unload, unload, save, load, and the adapter tensors by a door-independent name:
@@ -26,7 +26,7 @@ from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper  # noqa: E
 from zoo import lifecycle_models  # noqa: E402
 
 import liera  # noqa: E402
-from liera.integrations.peft import LieraConfig, LieraLayer  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig, LieraLayer  # noqa: E402
 from liera.saved import SavedCopies, file_keys, saved_holders  # noqa: E402
 from liera.weight import AdaptedWeight  # noqa: E402
 
@@ -90,14 +90,14 @@ class Door:
     def disabled(self) -> contextlib.AbstractContextManager:
         return self.model.disable_adapter()
 
-    def merge(self) -> None:
-        self.model.merge_adapter()
+    def merge(self, safe_merge: bool = False) -> None:
+        self.model.merge_adapter(safe_merge=safe_merge)
 
     def unmerge(self) -> None:
         self.model.unmerge_adapter()
 
-    def merge_and_unload(self) -> nn.Module:
-        return self.model.merge_and_unload()
+    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+        return self.model.merge_and_unload(safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         return self.model.unload()
@@ -152,9 +152,9 @@ class PeftDoor(Door):
     name = "peft"
 
     @staticmethod
-    def config(**options) -> LieraConfig:
+    def config(**options) -> LieraPeftConfig:
         renamed = {"alpha": "liera_alpha", "dropout": "liera_dropout"}
-        return LieraConfig(**{renamed.get(k, k): v for k, v in options.items()})
+        return LieraPeftConfig(**{renamed.get(k, k): v for k, v in options.items()})
 
     @classmethod
     def wrap(cls, base, **options):
@@ -320,6 +320,24 @@ def test_merge_is_close_idempotent_and_unmerge_restores(door, case, exp_map):
     for k, w in adapted.adapted_weights().items():
         close(w, original[k], rtol=1e-6)
     close(adapted(x), unmerged)
+
+
+@each
+def test_a_refused_merge_changes_no_weight(door, case, exp_map):
+    """safe_merge refuses a merge that gives non-finite values; the refusal comes before any weight changes, also
+    when only the last adapted weight is bad (a per-layer loop would have merged the layers before it)."""
+    _, x, adapted = adapt(door, case, exp_map)
+    perturb(adapted)
+    last = list(adapted.adapted_weights())[-1]
+    with torch.no_grad():
+        adapted.adapter_tensors()[f"{last}.lora_B"][0].fill_(float("nan"))
+    original = {k: w.detach().clone() for k, w in adapted.adapted_weights().items()}
+    for attempt in (adapted.merge, adapted.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"safe_merge: .*{last}"):
+            attempt(safe_merge=True)
+        for k, w in adapted.adapted_weights().items():
+            equal(w, original[k])
+        assert sorted(adapted.adapted_weights()) == sorted(original)  # still adapted, nothing unloaded
 
 
 @each

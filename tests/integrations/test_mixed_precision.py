@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 import liera  # noqa: E402
 from liera.integrations import LieRATrainer  # noqa: E402
-from liera.integrations.peft import LieraConfig  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig  # noqa: E402
 from test_peft_trainer import ADAPTER_FILES, FULL_MODEL_FILES, Tokens, llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -19,7 +19,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 def build(door):
     torch.manual_seed(1)
     if door == "peft":
-        model = peft.get_peft_model(llama(), LieraConfig(r=4, liera_alpha=8.0, layer_scaling="rms",
+        model = peft.get_peft_model(llama(), LieraPeftConfig(r=4, liera_alpha=8.0, layer_scaling="rms",
                                                          target_modules=TARGETS, task_type="CAUSAL_LM"))
         return model, transformers.Trainer
     model = liera.get_liera_model(llama(), liera.LieRAConfig(r=4, alpha=8.0, layer_scaling="rms", target_modules=TARGETS))

@@ -11,7 +11,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 from liera.integrations import peft as liera_peft  # noqa: E402
-from liera.integrations.peft import LieraConfig, LieraLayer  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig, LieraLayer  # noqa: E402
 
 
 class Net(nn.Module):
@@ -27,7 +27,7 @@ class Net(nn.Module):
 
 def saved_folder(tmp_path: Path, width: int = 8, r: int = 2, name: str = "ad") -> Path:
     torch.manual_seed(0)
-    model = peft.get_peft_model(Net(width), LieraConfig(r=r, target_modules=["a", "b"], init_weights=False,
+    model = peft.get_peft_model(Net(width), LieraPeftConfig(r=r, target_modules=["a", "b"], init_weights=False,
                                                         modules_to_save=["head"]))
     model.save_pretrained(tmp_path / name)
     return tmp_path / name
@@ -62,7 +62,7 @@ def test_a_good_folder_still_loads_with_its_outputs(tmp_path, base):
     torch.manual_seed(0)
     fresh = Net()  # the base weights saved_folder trained on (same seed)
     torch.manual_seed(0)
-    trained = peft.get_peft_model(Net(), LieraConfig(r=2, target_modules=["a", "b"], init_weights=False,
+    trained = peft.get_peft_model(Net(), LieraPeftConfig(r=2, target_modules=["a", "b"], init_weights=False,
                                                      modules_to_save=["head"]))
     _, x, _ = base
     loaded = peft.PeftModel.from_pretrained(fresh, folder)
@@ -89,7 +89,7 @@ def test_a_missing_weights_file_is_refused_before_injection(tmp_path, base):
     (folder / "adapter_model.safetensors").unlink()
     model, x, y = base
     before = snapshot(model)
-    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"lacks \['adapter_model.safetensors'\].*Nothing was injected"):
         peft.PeftModel.from_pretrained(model, folder)
     assert_untouched(model, before, x, y)
 
@@ -151,9 +151,9 @@ def test_load_adapter_checks_a_second_adapter_and_keeps_the_first(tmp_path, base
                                                   ("liera_dropout", 1.5, "liera_dropout")])
 def test_config_errors_name_the_peft_field(tmp_path, base, field, value, named):
     with pytest.raises(ValueError) as err:
-        LieraConfig(target_modules=["a"], **{field: value})
+        LieraPeftConfig(target_modules=["a"], **{field: value})
     message = str(err.value)
-    assert named in message and message.startswith("LieraConfig:")
+    assert named in message and message.startswith("LieraPeftConfig:")
     assert not any(w in message.replace(named, "").split() for w in ("alpha", "dropout")), message
     folder = saved_folder(tmp_path)  # the same from a file, where the user wrote the PEFT field name
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -168,7 +168,7 @@ def test_config_errors_name_the_peft_field(tmp_path, base, field, value, named):
 
 def test_peft_field_names_keeps_alpha_pattern():
     text = "LieRAConfig: alpha must be positive; alpha_pattern['a'] too; a common choice is alpha = 2 * r."
-    assert liera_peft.peft_field_names(text) == ("LieraConfig: liera_alpha must be positive; alpha_pattern['a'] too; "
+    assert liera_peft.peft_field_names(text) == ("LieraPeftConfig: liera_alpha must be positive; alpha_pattern['a'] too; "
                                                  "a common choice is liera_alpha = 2 * r.")
 
 
@@ -187,7 +187,7 @@ def test_conversions_never_overwrite_their_input(direction, tmp_path):
     if direction == "liera_to_peft":
         liera.get_liera_model(model, liera.LieRAConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "a")
     else:
-        peft.get_peft_model(model, peft_method.LieraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "a")
+        peft.get_peft_model(model, peft_method.LieraPeftConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "a")
     before = {n: (tmp_path / "a" / n).read_bytes() for n in os.listdir(tmp_path / "a")}
     for out in (tmp_path / "a", tmp_path / "a" / "adapter_config.json"):
         with pytest.raises(ValueError, match="never overwrites its input"):

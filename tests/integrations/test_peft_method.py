@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 import liera  # noqa: E402
 from liera import io  # noqa: E402
 from liera.integrations import peft as liera_peft  # noqa: E402
-from liera.integrations.peft import (SUPPORTED_PEFT, LieraConfig, LieraLayer, check_peft_version,  # noqa: E402
+from liera.integrations.peft import (SUPPORTED_PEFT, LieraPeftConfig, LieraLayer, check_peft_version,  # noqa: E402
                                      liera_to_peft, peft_to_liera)
 from zoo import EmbedProject, lifecycle_models  # noqa: E402
 
@@ -62,7 +62,7 @@ def pair(case, exp_map="taylor", generator="lora", **extra):
     torch.manual_seed(1)
     lm = liera.get_liera_model(copy.deepcopy(model), liera.LieRAConfig(alpha=2.0, **options))
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), LieraConfig(liera_alpha=2.0, **options))
+    pm = peft.get_peft_model(copy.deepcopy(model), LieraPeftConfig(liera_alpha=2.0, **options))
     return model, x, lm, pm
 
 
@@ -123,7 +123,7 @@ def test_liera_dropout_is_liera_dropout():
     torch.manual_seed(1)
     lm = liera.get_liera_model(copy.deepcopy(model), liera.LieRAConfig(r=2, dropout=0.5, **case.targets))
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), LieraConfig(r=2, liera_dropout=0.5, **case.targets))
+    pm = peft.get_peft_model(copy.deepcopy(model), LieraPeftConfig(r=2, liera_dropout=0.5, **case.targets))
     assert all(s.dropout == 0.5 for m in pm.modules() if isinstance(m, LieraLayer) for s in m.liera_adapters.settings.values())
     perturb(lm)
     perturb(pm)
@@ -149,7 +149,7 @@ def test_several_adapters_set_adapter_and_delete_adapter():
     torch.manual_seed(2)
     lm.add_adapter("other", liera.LieRAConfig(r=3, alpha=1.5, **case.targets))
     torch.manual_seed(2)
-    pm.add_adapter("other", LieraConfig(r=3, liera_alpha=1.5, **case.targets))
+    pm.add_adapter("other", LieraPeftConfig(r=3, liera_alpha=1.5, **case.targets))
     perturb(lm)
     perturb(pm)
     lm.eval(), pm.eval()
@@ -163,7 +163,7 @@ def test_several_adapters_set_adapter_and_delete_adapter():
     pm.base_model.set_adapter(["default", "other"])  # several adapters compose by the group product
     lm.set_adapter(["default", "other"])
     torch.testing.assert_close(pm(x), lm(x), rtol=0, atol=0)
-    pm.add_adapter("additive", LieraConfig(r=2, update="additive", **case.targets))
+    pm.add_adapter("additive", LieraPeftConfig(r=2, update="additive", **case.targets))
     with pytest.raises(ValueError, match="mix updates"):
         pm.base_model.set_adapter(["default", "additive"])
     torch.testing.assert_close(pm(x), lm(x), rtol=0, atol=0)  # nothing changed
@@ -180,7 +180,7 @@ def test_rank_and_alpha_patterns_follow_peft_keys():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
     options = dict(r=2, target_modules=["0", "2", "4"], rank_pattern={"2": 5, "^4$": 3}, alpha_pattern={"4": 6.0})
     lm = liera.get_liera_model(copy.deepcopy(model), liera.LieRAConfig(alpha=2.0, **options))
-    pm = peft.get_peft_model(copy.deepcopy(model), LieraConfig(liera_alpha=2.0, **options))
+    pm = peft.get_peft_model(copy.deepcopy(model), LieraPeftConfig(liera_alpha=2.0, **options))
     got = [(g.r, g.scaling) for g in generators(pm)]
     assert got == [(g.r, g.scaling) for g in generators(lm)] == [(2, 1.0), (5, 0.4), (3, 2.0)]
     for key in options["rank_pattern"]:  # liera's rule is PEFT's: the same key picks the same layer
@@ -221,7 +221,7 @@ def net(dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_and_load_with_modules_to_save(tmp_path, dtype):
     model, idx = net(dtype)
-    pm = peft.get_peft_model(model, LieraConfig(r=2, **NET_TARGETS))
+    pm = peft.get_peft_model(model, LieraPeftConfig(r=2, **NET_TARGETS))
     assert all(p.dtype == torch.float32 for g in generators(pm) for p in g.parameters())  # adapter_dtype="float32"
     perturb(pm)
     with torch.no_grad():
@@ -248,7 +248,7 @@ def test_bf16_model_same_numbers_as_liera(exp_map):
     torch.manual_seed(1)
     lm = liera.get_liera_model(copy.deepcopy(model), liera.LieRAConfig(**options))
     torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), LieraConfig(**options))
+    pm = peft.get_peft_model(copy.deepcopy(model), LieraPeftConfig(**options))
     perturb(lm)
     perturb(pm)
     out_l, out_p = lm(idx), pm(idx)
@@ -264,7 +264,7 @@ def test_bf16_model_same_numbers_as_liera(exp_map):
 
 def test_adapter_dtype_base_is_kept_on_a_bf16_model():
     model, idx = net(torch.bfloat16)
-    pm = peft.get_peft_model(model, LieraConfig(r=2, adapter_dtype="base", **NET_TARGETS))
+    pm = peft.get_peft_model(model, LieraPeftConfig(r=2, adapter_dtype="base", **NET_TARGETS))
     assert all(p.dtype == torch.bfloat16 for g in generators(pm) for p in g.parameters())
     assert pm(idx).dtype == torch.bfloat16
 
@@ -289,7 +289,7 @@ def _load_in_fresh_process(folder, data, register: bool) -> subprocess.Completed
 
 def test_a_fresh_process_loads_the_adapter_after_the_import(tmp_path):
     torch.manual_seed(0)
-    pm = peft.get_peft_model(EmbedProject(), LieraConfig(r=2, target_modules=["emb", "proj"], exp_map="exact"))
+    pm = peft.get_peft_model(EmbedProject(), LieraPeftConfig(r=2, target_modules=["emb", "proj"], exp_map="exact"))
     perturb(pm)
     pm.eval()
     idx = torch.randint(0, 13, (2, 7))
@@ -304,7 +304,7 @@ def test_a_fresh_process_loads_the_adapter_after_the_import(tmp_path):
 
 def test_liera_loaders_point_a_peft_native_folder_to_peft(tmp_path):
     model, _ = net()
-    peft.get_peft_model(model, LieraConfig(r=2, **NET_TARGETS)).save_pretrained(tmp_path)
+    peft.get_peft_model(model, LieraPeftConfig(r=2, **NET_TARGETS)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"PEFT-native LieRA adapter.*import liera\.integrations\.peft.*peft_to_liera"):
         liera.LieRAModel.from_pretrained(net()[0], tmp_path)
 
@@ -370,7 +370,7 @@ def test_layers_to_transform_selects_layers_by_index():
     torch.manual_seed(0)
     model = nn.Sequential()
     model.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
-    cfg = LieraConfig(r=2, target_modules=["0"], layers_to_transform=[1], layers_pattern="layers")
+    cfg = LieraPeftConfig(r=2, target_modules=["0"], layers_to_transform=[1], layers_pattern="layers")
     pm = peft.get_peft_model(model, cfg)
     assert [n for n, m in pm.named_modules() if isinstance(m, LieraLayer)] == ["base_model.model.layers.1.0"]
     with pytest.raises(ValueError, match="no equivalent in liera"):
@@ -380,14 +380,14 @@ def test_layers_to_transform_selects_layers_by_index():
 def test_config_translation_and_validation():
     cfg = liera.LieRAConfig(r=4, alpha=3.0, dropout=0.1, target_modules=["q", "v"], exp_map="exact",
                             generator="dora", rank_pattern={"q": 8}, layer_scaling="rms", adapter_dtype="base")
-    peft_cfg = LieraConfig.from_liera_config(cfg, task_type="CAUSAL_LM")
+    peft_cfg = LieraPeftConfig.from_liera_config(cfg, task_type="CAUSAL_LM")
     assert (peft_cfg.liera_alpha, peft_cfg.liera_dropout, peft_cfg.peft_type) == (3.0, 0.1, "LIERA")
     assert peft_cfg.to_liera_config() == cfg
     with pytest.raises(ValueError, match="exp_map"):
-        LieraConfig(target_modules=["q"], exp_map="pade")
+        LieraPeftConfig(target_modules=["q"], exp_map="pade")
     with pytest.raises(ValueError, match="unknown generator"):
-        LieraConfig(target_modules=["q"], generator="nope")
-    defaults = LieraConfig(target_modules=["q"]).to_liera_config()
+        LieraPeftConfig(target_modules=["q"], generator="nope")
+    defaults = LieraPeftConfig(target_modules=["q"]).to_liera_config()
     assert defaults == liera.LieRAConfig(target_modules=["q"])  # the same defaults in both worlds
 
 
@@ -404,9 +404,23 @@ def test_registration_is_idempotent():
     assert liera_peft._add_peft_type("LIERA") is liera_peft.LIERA is peft.utils.PeftType.LIERA
     assert peft.utils.PeftType("LIERA") is liera_peft.LIERA and "LIERA" in list(peft.utils.PeftType)
     liera_peft._register()  # what a second import (a reload) does
-    from liera.integrations import LieraConfig as lazy, peft_to_liera as lazy_convert
+    from liera.integrations import LieraPeftConfig as lazy, peft_to_liera as lazy_convert
 
-    assert lazy is LieraConfig and lazy_convert is peft_to_liera
-    assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["LIERA"] is liera_peft.LieraModel
+    assert lazy is LieraPeftConfig and lazy_convert is peft_to_liera
+    assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["LIERA"] is liera_peft.LieraTuner
     model, idx = net()
-    assert peft.get_peft_model(model, LieraConfig(r=2, **NET_TARGETS))(idx).shape == (2, 3)
+    assert peft.get_peft_model(model, LieraPeftConfig(r=2, **NET_TARGETS))(idx).shape == (2, 3)
+
+
+@pytest.mark.parametrize("old,new", [("LieraConfig", "LieraPeftConfig"), ("LieraModel", "LieraTuner")])
+def test_the_old_door_names_still_work_with_a_deprecation_warning(old, new):
+    """The PEFT door's classes were renamed so that they no longer differ from liera's own LieRAConfig / LieRAModel by
+    capitals only; the old names still import, from the module and from liera.integrations."""
+    import liera.integrations as integrations
+    from liera.integrations import peft as peft_method
+
+    for module in (peft_method, integrations):
+        with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+            assert getattr(module, old) is getattr(peft_method, new)
+    with pytest.raises(AttributeError):
+        peft_method.NoSuchName  # noqa: B018

@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from liera.integrations.peft import LieraConfig  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig  # noqa: E402
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin"}
@@ -37,7 +37,7 @@ def llama():
 
 def peft_llama():
     torch.manual_seed(1)
-    return peft.get_peft_model(llama(), LieraConfig(r=4, liera_alpha=8.0, layer_scaling="rms", task_type="CAUSAL_LM"))
+    return peft.get_peft_model(llama(), LieraPeftConfig(r=4, liera_alpha=8.0, layer_scaling="rms", task_type="CAUSAL_LM"))
 
 
 def trainer(model, out):

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 import liera  # noqa: E402
 import liera.integrations.peft  # noqa: E402,F401
-from liera.integrations.peft import LieraConfig  # noqa: E402
+from liera.integrations.peft import LieraPeftConfig  # noqa: E402
 from liera.layers.bnb import dequantize  # noqa: E402
 from zoo import DEVICES  # noqa: E402
 
@@ -42,7 +42,7 @@ def wrap(model, door, **kw):
     if door == "liera":
         return liera.get_liera_model(model, liera.LieRAConfig(r=4, alpha=4.0, target_modules=["0"], **kw))
     kw = {("liera_alpha" if k == "alpha" else k): v for k, v in kw.items()}
-    return peft.get_peft_model(model, LieraConfig(r=4, liera_alpha=4.0, target_modules=["0"], **kw))
+    return peft.get_peft_model(model, LieraPeftConfig(r=4, liera_alpha=4.0, target_modules=["0"], **kw))
 
 
 def perturb(model, std=0.2, seed=1):
@@ -213,7 +213,7 @@ def test_qlora_recipe_kbit_training_gradient_checkpointing_and_reload(door, bits
     if door == "liera":
         lm = liera.get_liera_model(model, liera.LieRAConfig(r=4, alpha=8.0, layer_scaling="rms", target_modules=targets))
     else:
-        lm = peft.get_peft_model(model, LieraConfig(r=4, liera_alpha=8.0, layer_scaling="rms", target_modules=targets,
+        lm = peft.get_peft_model(model, LieraPeftConfig(r=4, liera_alpha=8.0, layer_scaling="rms", target_modules=targets,
                                                     task_type="CAUSAL_LM"))
     kinds = {type(m).__name__ for n, m in lm.named_modules() if n.endswith("q_proj") or n.endswith("q_proj.base_layer")}
     assert kinds & {"Linear4bit", "Linear8bitLt"}, kinds
