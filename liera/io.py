@@ -1,6 +1,8 @@
-"""Adapter files: adapter_config.json + adapter_model.safetensors, written atomically, read with checks.
+"""Adapter folders: adapter_config.json + adapter_model.safetensors, written atomically, read with checks.
 
-Every check runs before the caller touches the model; a write goes to a temporary file in the same
+The one reader (``read_folder``) and writer (``write_folder``) of every adapter format liera touches: its own
+(``read_adapter_files`` / ``save_adapter_files``), PEFT-native LieRA and PEFT HiRA (the integrations add only their
+keys and config). Every check runs before the caller touches the model; a write goes to a temporary file in the same
 directory and is renamed into place, so an interrupted save never leaves a half-written adapter.
 """
 
