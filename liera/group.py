@@ -126,6 +126,17 @@ def keep_zeros_of(weight: Tensor, out: Tensor) -> Tensor:
     return torch.where(weight == 0, weight, out)
 
 
+def transformed(
+    weight: Tensor, out: Tensor, transforms: Sequence[Callable[[Tensor], Tensor]], keep_zeros: bool
+) -> Tensor:
+    """``out`` (a group-updated weight) through the decompositions that act after the group map, in order (DoRA's
+    magnitude m * V / ||V||, which is no group element); with keep_zeros the zeros of ``weight`` are pinned again,
+    since a rescaling may move them (W's zeros for a merge, the merged weight's for an unmerge)."""
+    for transform in transforms:
+        out = transform(out)
+    return keep_zeros_of(weight, out) if keep_zeros and transforms else out
+
+
 def new_zeros(weight: Tensor, out: Tensor) -> Tensor:
     """Mask of entries that are non-zero in W but exactly zero in ``out``: with keep_zeros the mask is read back
     from the merged weight, so an unmerge would take these for intended zeros and leave them at 0."""

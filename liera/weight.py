@@ -9,8 +9,9 @@ the one place a config becomes an adapter. How the effective weight reaches the 
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -351,15 +352,14 @@ class AdaptedWeight(nn.ModuleDict):
         out = self._group_updated(weight, names, cd, bound)
         if self.has_transform(names):
             w = weight.to(cd)
+
+            def transform(gen: Generator, given: dict | None) -> Callable[[Tensor], Tensor]:
+                if given is None:
+                    return lambda v: gen.transform(v, w)
+                return lambda v: functional_call(gen, given, (v, w), {"transform": True})
+
             with autocast_off(w):
-                for _n, gen, given in bound:
-                    out = (
-                        gen.transform(out, w)
-                        if given is None
-                        else functional_call(gen, given, (out, w), {"transform": True})
-                    )
-            if self.keeps_zeros(names):  # a transform (DoRA's norm) rescales: pin the zeros again
-                out = group.keep_zeros_of(w, out)
+                out = group.transformed(w, out, [transform(g, given) for _, g, given in bound], self.keeps_zeros(names))
         return out.to(out_dtype or weight.dtype)
 
     def merged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
@@ -367,21 +367,16 @@ class AdaptedWeight(nn.ModuleDict):
         cd = torch.promote_types(dtype, weight.dtype)
         w = weight.to(cd)
         out = self._group_updated(weight, names, cd, list(self._generators(names, None)))
-        for n in names:
-            out = self[n].merge_transform(out, w)
-        if self.keeps_zeros(names) and self.has_transform(names):
-            out = group.keep_zeros_of(w, out)
-        return out.to(weight.dtype)
+        steps = [functools.partial(self[n].merge_transform, weight=w) for n in names if self.has_transform([n])]
+        return group.transformed(w, out, steps, self.keeps_zeros(names)).to(weight.dtype)
 
     def unmerged_weight(self, weight: Tensor, names: Sequence[str], dtype: torch.dtype) -> Tensor:
         """The group inverse of merged_weight: W <- W * prod g(D_i)^-1, after undoing transforms."""
         cd = torch.promote_types(dtype, weight.dtype)
-        out = weight.to(cd)
-        for n in reversed(list(names)):
-            out = self[n].unmerge_transform(out)
+        merged = weight.to(cd)
+        steps = [self[n].unmerge_transform for n in reversed(list(names)) if self.has_transform([n])]
+        out = group.transformed(merged, merged, steps, self.keeps_zeros(names))  # the merged weight's zeros
         out = group.unapply(out, self.terms(names, cd), self.update_kind(names), self.keeps_zeros(names))
-        if self.keeps_zeros(names) and self.has_transform(names):  # the zeros as the merged weight holds them
-            out = group.keep_zeros_of(weight.to(cd), out)
         return out.to(weight.dtype)
 
     def difference(

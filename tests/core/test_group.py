@@ -64,3 +64,14 @@ def test_near_singular_mask_and_errors():
         group.factor(d, "cayley")
     with pytest.raises(ValueError, match="unknown update"):
         group.apply(W, [(D1, "taylor")], "sideways")
+
+
+def test_transformed_applies_in_order_and_pins_zeros_only_when_asked():
+    w = torch.tensor([[0.0, 2.0], [-0.0, 3.0]])
+    out = torch.tensor([[1.0, 2.0], [1.0, 3.0]])
+    steps = [lambda v: v * 2.0, lambda v: v + 1.0]  # order matters: (v * 2) + 1, not (v + 1) * 2
+    torch.testing.assert_close(group.transformed(w, out, steps, keep_zeros=False), out * 2.0 + 1.0)
+    pinned = group.transformed(w, out, steps, keep_zeros=True)
+    assert pinned[0, 0].item() == 0.0 and torch.signbit(pinned[1, 0])  # W's zeros, -0.0 included
+    torch.testing.assert_close(pinned[:, 1], out[:, 1] * 2.0 + 1.0)
+    assert group.transformed(w, out, [], keep_zeros=True) is out  # no transform: nothing to pin (apply did)
