@@ -342,7 +342,7 @@ class LieraLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self.liera_adapters.unmerge(self.base_weight())
+        lifecycle.unmerge([self.adapted()])
 
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
