@@ -266,6 +266,9 @@ def paired(seeds: dict, other: dict) -> str:
 
 
 def report(out: Path) -> str:
+    """The tables of every tested setting: each arm's deployed accuracy with paired intervals, the sparsity it kept;
+    for a language model the held-out perplexity, for an N:M setting how many layers keep the pattern; the setting's
+    baselines (dense and pruned, no recovery) below its arms."""
     lines = ["# Sparse recovery: measured tables (experiments/sparse.py --report)", ""]
     for setting in SETTINGS:
         path = out / f"{setting}-test.jsonl"
@@ -275,9 +278,27 @@ def report(out: Path) -> str:
         by_arm: dict = {}
         for row in rows:
             by_arm.setdefault(row["arm"], {})[row["seed"]] = row
+        lm_family = SETTINGS[setting]["family"] == "lm"
+        nm = parse_prune(SETTINGS[setting]["prune"]).nm
+        pattern = f"{nm[0]}:{nm[1]}" if nm else None
+        extra = (["held-out perplexity"] if lm_family else []) + ([f"{pattern} valid layers"] if pattern else [])
         lines += [f"## {setting} ({SETTINGS[setting]['prune']})", "",
                   "| arm | lr | deployed accuracy | vs masked LoRA | vs re-masked LoRA | sparsity kept | "
-                  "every zero kept |", "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+                  "every zero kept | " + "".join(f"{e} | " for e in extra),
+                  "| --- | ---: | ---: | ---: | ---: | ---: | :---: | " + "---: | " * len(extra)]
+
+        def cells(seeds: dict, what: str = "deployed") -> str:
+            """The extra columns (perplexity, N:M) of these runs, for the deployed or the unmerged model."""
+            out_cells = []
+            if lm_family:
+                out_cells.append(f"{statistics.mean(s[what]['perplexity'] for s in seeds.values()):.1f}")
+            if pattern:
+                field_name = f"layers_{pattern.replace(':', '_')}_valid"
+                out_cells.append("-" if what != "deployed" else
+                                 f"{min(s['deployment'][field_name] for s in seeds.values())}/"
+                                 f"{seeds[min(seeds)]['deployment']['layers']}")
+            return "".join(f"{c} | " for c in out_cells)
+
         ref = {name: by_arm.get(name, {}) for name in ("lora-masked", "lora")}
         for arm, seeds in by_arm.items():
             accs = [seeds[s]["test_accuracy"] for s in sorted(seeds)]
@@ -285,13 +306,22 @@ def report(out: Path) -> str:
             lines.append(f"| {arm} | {first['lr']:g} | {mean_sd(accs)} | {paired(seeds, ref['lora-masked'])} | "
                          f"{paired(seeds, ref['lora'])} | "
                          f"{min(s['deployment']['sparsity'] for s in seeds.values()):.4f} | "
-                         f"{all(s['deployment']['every_zero_kept'] for s in seeds.values())} |")
+                         f"{all(s['deployment']['every_zero_kept'] for s in seeds.values())} | " + cells(seeds))
             if "unmerged" in first:
                 unmerged = [seeds[s]["unmerged"]["accuracy"] for s in sorted(seeds)]
                 lines.append(f"| {arm} (unmerged, dense compute) | {first['lr']:g} | {mean_sd(unmerged)} | | | - "
-                             f"| - |")
+                             f"| - | " + cells(seeds, "unmerged"))
+        base_path = out / f"{setting}-baselines.jsonl"
+        for row in records(base_path) if base_path.exists() else []:
+            if row["split"] != "test":
+                continue
+            ppl = [f"{row['perplexity']:.1f}"] if lm_family else []
+            label = {"dense": "dense model", "pruned": "pruned, no recovery"}[row["model"]]
+            label += " (zero-shot)" if lm_family else " (only the head trained)"
+            lines.append(f"| {label} | - | {row['accuracy']:.4f} | | | {row['sparsity']:.4f} | - | "
+                         + "".join(f"{c} | " for c in ppl + (["-"] if pattern else [])))
         lines.append("")
-    text = "\n".join(lines)
+    text = "\n".join(line.rstrip() for line in lines)
     (out / "report.md").write_text(text + "\n")
     return text
 

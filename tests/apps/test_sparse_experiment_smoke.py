@@ -39,3 +39,10 @@ def test_sparse_smoke(tmp_path, setting, needs):
         base = [json.loads(line) for line in (tmp_path / f"{setting}-baselines.jsonl").read_text().splitlines()]
         assert {(b["model"], b["split"]) for b in base} == {(m, s) for m in ("dense", "pruned")
                                                           for s in ("validation", "test")}
+        run(tmp_path, "--report")  # the table now has the baselines, the held-out perplexity and the 2:4 column
+        report = (tmp_path / "report.md").read_text()
+        header = next(line for line in report.splitlines() if line.startswith("| arm |"))
+        assert header.endswith("| held-out perplexity | 2:4 valid layers |")
+        assert "| pruned, no recovery (zero-shot) |" in report and "| dense model (zero-shot) |" in report
+        layers = rows[0]["deployment"]["layers"]
+        assert f"| {layers}/{layers} |" in report
