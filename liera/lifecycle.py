@@ -42,16 +42,18 @@ def merge(
     safe_merge: bool = False,
     dtype: torch.dtype = torch.float32,
     keep_copy: bool = False,
+    warn_merged: bool = True,
 ) -> None:
     """W <- W * g(D) for these adapters on every weight that holds them and has not merged them yet.
 
     Everything is checked first, on every weight: a quantized weight is refused (``check_mergeable``), and with
     ``safe_merge`` a merge that gives non-finite values or cannot be undone is refused; only then does any weight
     change. keep_copy keeps each pre-merge weight (a bit-exact unmerge of bf16/fp16 models); dtype: the precision the
-    merge is computed in."""
+    merge is computed in; warn_merged=False: adapters merged already are skipped without a warning (merge_and_unload).
+    """
     weights = list(weights)
     already = sorted({n for item in weights for n in names if n in item.adapters.merged})
-    if already:
+    if already and warn_merged:
         warn_user(f"adapter(s) {already} already merged; merging again changes nothing.")
     jobs = [(item, todo) for item in weights for todo in [item.adapters.to_merge(names)] if todo]
     for item, todo in jobs:

@@ -291,9 +291,7 @@ class LieRAModel(nn.Module):
     def merge_and_unload(self, adapter_names: Names = None, safe_merge: bool = False) -> nn.Module:
         """Merge the adapters into the weights and return the plain base model (no liera left); a module in
         modules_to_save keeps the active adapter's trained copy (as in PEFT)."""
-        names = [n for n in self.known(adapter_names) if n not in self.merged_adapters]
-        if names:
-            self.merge_adapter(names, safe_merge=safe_merge)
+        lifecycle.merge(self.weights(), self.known(adapter_names), safe_merge=safe_merge, warn_merged=False)
         return self._strip()
 
     def unload(self) -> nn.Module:

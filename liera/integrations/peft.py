@@ -439,9 +439,9 @@ class LieraTuner(BaseTuner):
     ) -> Any:  # PEFT annotates None, but returns the unloaded model (merge_and_unload returns it)
         """merge_and_unload: merge every layer first (all checked before any changes), then PEFT unloads."""
         if merge:
+            self._check_merge_allowed()
             names = self.active_adapters if adapter_names is None else list(adapter_names)
-            merged = {n for item in self.weights() for n in item.adapters.merged}
-            self.merge_adapter([n for n in names if n not in merged], safe_merge=safe_merge)
+            lifecycle.merge(self.weights(), names, safe_merge=safe_merge, warn_merged=False)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
