@@ -101,10 +101,13 @@ def select_widened(grids: dict, seeds: list, widen: int, execute, path: Path, ke
     the rate chosen so far (chosen_of(path)); with several shards, every shard waits for the whole plan (keys from
     key_of(run)) before it widens, and before it returns, so that every shard returns the same choice (a shard
     that went on to its test stage with the others' last runs missing would test at other rates). Returns the
-    final choice."""
+    final choice. Each round hands execute only the runs it adds, so that shards splitting the plan by position
+    split the new runs evenly (indexed over the whole plan, a widening's few runs could all fall to one shard)."""
+    planned: set = set()
     for extra in range(widen + 1):
         plan = [(m, lr, s) for m in grids for lr in grids[m] for s in seeds]
-        execute(plan)
+        execute([run for run in plan if run not in planned])
+        planned.update(plan)
         if not wait_for(path, {tuple(key_of(run)) for run in plan}):
             break
         if extra < widen:

@@ -70,8 +70,30 @@ def test_select_widened_runs_widens_past_the_edge_and_returns_the_choice(tmp_pat
         return {"m": max(r["lr"] for r in rows)}  # the highest rate always wins: the upper edge
 
     chosen = select_widened({"m": [1e-3, 3e-3]}, [0], 1, execute, path, lambda run: list(run), chosen_of)
-    assert [sorted({lr for _, lr, _ in plan}) for plan in plans] == [[1e-3, 3e-3], [1e-3, 3e-3, 1e-2]]
+    assert [sorted({lr for _, lr, _ in plan}) for plan in plans] == [[1e-3, 3e-3], [1e-2]]  # only what it adds
     assert chosen == {"m": 1e-2}
+
+
+def test_a_widening_splits_its_new_runs_over_the_shards(tmp_path, monkeypatch):
+    """Two arms widened past their upper edge add two runs; two shards splitting each round by position get one
+    each (indexed over the whole plan, both new runs sat at odd positions and fell to one shard)."""
+    import common
+
+    path = tmp_path / "select.jsonl"
+    per_shard: dict = {0: [], 1: []}
+
+    def execute(plan):  # both shards' parts of each round, as two lanes sharing the record file would run them
+        for shard in (0, 1):
+            for method, lr, seed in plan[shard::2]:
+                per_shard[shard].append((method, lr))
+                log(path, {"key": [method, lr, seed], "method": method, "lr": lr, "seed": seed})
+
+    monkeypatch.setattr(common, "wait_for", lambda p, keys: True)
+    select_widened({"a": [1e-3, 3e-3, 1e-2], "b": [1e-3, 3e-3, 1e-2]}, [0], 1, execute, path, lambda run: list(run),
+                   lambda p: {m: max(r["lr"] for r in records(p) if r["method"] == m) for m in ("a", "b")})
+    widened = [[run for run in per_shard[shard] if run[1] > 1e-2] for shard in (0, 1)]
+    assert [len(runs) for runs in widened] == [1, 1], widened
+    assert len(per_shard[0]) + len(per_shard[1]) == 8  # every run once
 
 
 def test_select_widened_waits_for_every_shard_before_it_returns(tmp_path, monkeypatch):
