@@ -1,5 +1,5 @@
 """Sparse recovery (issue 32): is LieRA the better way to recover a pruned model, or only as good as a masked
-additive adapter? Design, budget and commands: docs/results-sparse.md (NOT YET RUN at the time of writing).
+additive adapter? Design, budget and commands: docs/results-sparse.md (results and the answer there).
 
 Settings: SmolLM2-135M pruned with Wanda (50% per row, or 2:4) on its q/k/v/up/down projections and recovered on
 wordnet-isa (r = 16, alpha = 32, the dense LLM study's recipe); EfficientNet-Lite0 with its dense (non-depthwise)
@@ -18,7 +18,8 @@ holds the sparsity of the pruned weights, whether every zero survived bit for bi
     python experiments/sparse.py --setting lm-wanda50 --stage baselines
     python experiments/sparse.py --setting lm-wanda50 --stage select            # 2 seeds, 3 rates, widened once
     python experiments/sparse.py --setting lm-wanda50 --stage test              # 3 seeds at the chosen rates
-    python experiments/sparse.py --setting lm-wanda24 --stage test --rates-from lm-wanda50
+    python experiments/sparse.py --setting lm-wanda24 --stage select --seeds 0   # 2:4: its own rates
+    python experiments/sparse.py --setting lm-wanda24 --stage test
     python experiments/sparse.py --report                                       # tables with paired 95% intervals
     python experiments/sparse.py --smoke --out /tmp/sparse-smoke                # tiny models, under a minute
 """
